@@ -26,14 +26,16 @@ def load_tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer.from_pretrained(TOKENIZER_DIR)
 
 
-def tiny_text_encoder_config(tokenizer: CLIPTokenizer, projection_dim: int = 32) -> CLIPTextConfig:
-    """A 5-layer, 32-wide CLIP text encoder config whose special-token ids match `tokenizer`."""
+def tiny_text_encoder_config(
+    tokenizer: CLIPTokenizer, hidden_size: int = 32, projection_dim: int = 32
+) -> CLIPTextConfig:
+    """A 5-layer CLIP text encoder config (32 wide by default) whose special-token ids match `tokenizer`."""
     return CLIPTextConfig(
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        hidden_size=32,
+        hidden_size=hidden_size,
         intermediate_size=37,
         num_attention_heads=4,
         num_hidden_layers=5,
@@ -97,7 +99,10 @@ def tiny_sd_pipeline(seed: int = 0) -> StableDiffusionPipeline:
 
 
 def tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
-    """A tiny SDXL-style pipeline: two text encoders (the second with projection), `text_time` conditioning."""
+    """A tiny SDXL-style pipeline: two text encoders (the second with projection), `text_time` conditioning.
+
+    As in real SDXL, the two encoders differ in width (32 and 48): single-file loaders tell them apart so.
+    """
     tokenizer = load_tokenizer()
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -114,7 +119,7 @@ def tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
         addition_time_embed_dim=8,
         transformer_layers_per_block=(1, 2),
         projection_class_embeddings_input_dim=80,  # 6 time ids x 8 + the 32-dim pooled text embedding
-        cross_attention_dim=64,  # the two encoders' 32-dim hidden states, concatenated
+        cross_attention_dim=80,  # the two encoders' hidden states (32 + 48), concatenated
         norm_num_groups=1,
     )
     torch.manual_seed(seed + 1)
@@ -122,7 +127,7 @@ def tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
     torch.manual_seed(seed + 2)
     text_encoder = CLIPTextModel(tiny_text_encoder_config(tokenizer))
     torch.manual_seed(seed + 3)
-    text_encoder_2 = CLIPTextModelWithProjection(tiny_text_encoder_config(tokenizer))
+    text_encoder_2 = CLIPTextModelWithProjection(tiny_text_encoder_config(tokenizer, hidden_size=48))
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085,
         beta_end=0.012,

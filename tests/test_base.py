@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from studio.base import detect_family, load_base, pick_device_dtype
+from studio.checkpoint import save_single_file
 from studio.errors import StudioError
 from studio.tiny import tiny_sd_pipeline, tiny_sdxl_pipeline
 
@@ -146,3 +147,24 @@ def test_non_sd_pipeline_folder_is_refused(tmp_path, tiny_sd_folder):
     (folder / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(StudioError, match="not an SD1/SD2/SDXL text-to-image pipeline"):
         load_base(str(folder))
+
+
+@pytest.mark.parametrize("make, family", [(tiny_sd_pipeline, "sd1"), (tiny_sdxl_pipeline, "sdxl")])
+def test_single_file_checkpoint_loads_with_its_family_and_weights(tmp_path, make, family):
+    original = make()
+    config_folder = tmp_path / "config"
+    original.save_pretrained(config_folder)
+    checkpoint = save_single_file(original, tmp_path / "model.safetensors")
+    base = load_base(str(checkpoint), config=str(config_folder))
+    assert base.family == family
+    assert torch.equal(base.pipeline.unet.conv_in.weight, original.unet.conv_in.weight)
+    assert np.array_equal(render(base.pipeline), render(original))
+
+
+def test_single_file_without_config_offline_says_what_to_pass(tmp_path, monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    checkpoint = save_single_file(tiny_sd_pipeline(), tmp_path / "model.safetensors")
+    with pytest.raises(StudioError) as error:
+        load_base(str(checkpoint))
+    assert str(error.value).startswith(f"{checkpoint}: its model config could not be resolved offline")
+    assert "--base-config" in str(error.value)
