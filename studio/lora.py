@@ -1,0 +1,113 @@
+"""`python -m studio.lora`: inspect LoRA files and convert them between diffusers and kohya naming.
+
+    python -m studio.lora inspect FILE [--json] [--allow-pickle]
+    python -m studio.lora convert IN OUT --to diffusers|kohya [--allow-pickle]
+
+Each subcommand is registered by an `add_*_command(subcommands)` function that sets `run`, so more
+subcommands (merge) plug in the same way. User errors print one line to stderr and exit with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from studio.errors import StudioError
+from studio.lora_io import NAMINGS, LoraReport, inspect, read_lora, write_lora
+
+METADATA_VALUE_WIDTH = 100
+
+
+def add_inspect_command(subcommands: argparse._SubParsersAction) -> None:
+    parser = subcommands.add_parser("inspect", help="show a LoRA file's format, family, ranks, hashes and metadata")
+    parser.add_argument("file", help="a LoRA file (.safetensors; .ckpt/.pt/.bin only with --allow-pickle)")
+    parser.add_argument("--json", action="store_true", help="print the full report as JSON")
+    parser.add_argument("--allow-pickle", action="store_true", help="read a pickle file (weights-only unpickler)")
+    parser.set_defaults(run=run_inspect)
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    report = inspect(args.file, allow_pickle=args.allow_pickle)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else format_report(report))
+    return 0
+
+
+def add_convert_command(subcommands: argparse._SubParsersAction) -> None:
+    parser = subcommands.add_parser(
+        "convert", help="rewrite a LoRA of any readable format in diffusers or kohya naming (exact, scales baked)"
+    )
+    parser.add_argument("input", help="the LoRA file to read")
+    parser.add_argument("output", help="the .safetensors file to write (replaced atomically)")
+    parser.add_argument("--to", required=True, choices=NAMINGS, help="naming of the written file")
+    parser.add_argument("--allow-pickle", action="store_true", help="read a pickle input (weights-only unpickler)")
+    parser.set_defaults(run=run_convert)
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    lora = read_lora(args.input, allow_pickle=args.allow_pickle)
+    metadata = {**lora.metadata, "studio.converted_from": f"{lora.format} ({lora.naming} naming)"}
+    path = write_lora(args.output, lora.state_dict, metadata, naming=args.to, family=lora.family)
+    print(f"wrote {path} ({args.to} naming, {lora.family}, {len(lora.modules)} modules, from {lora.format})")
+    return 0
+
+
+def format_report(report: LoraReport) -> str:
+    """The human-readable form of an inspect report."""
+    components = ", ".join(f"{name} ({count})" for name, count in report.components.items())
+    ranks = ", ".join(map(str, report.ranks)) or "none (full LoKr parts)"
+    if report.converted_ranks != report.ranks:
+        ranks += f"  (as standard LoRA factors: {', '.join(map(str, report.converted_ranks))})"
+    lines = [
+        f"file:          {report.path}",
+        f"format:        {report.format} ({report.naming} naming)",
+        f"family:        {report.family}",
+        f"components:    {components}",
+        f"modules:       {report.num_modules}",
+        f"rank:          {ranks}",
+        f"alpha:         {', '.join(f'{a:g}' for a in report.alphas) or 'none in the file'}",
+        f"scale:         {', '.join(f'{s:g}' for s in report.scales)}  (per module: alpha / rank, or 1)",
+        f"dtypes:        {', '.join(report.dtypes)}",
+        f"size:          {report.size_bytes / 2**20:.2f} MiB ({report.size_bytes} bytes)",
+        f"sha256:        {report.sha256}",
+        f"autov2:        {report.autov2}",
+        f"a1111 hash:    {report.a1111_hash} (addnet sha256 {report.addnet_hash})",
+        f"trigger words: {', '.join(report.trigger_words) or 'none'}",
+    ]
+    if report.top_tags:
+        lines.append(f"top tags:      {', '.join(f'{tag} ({count})' for tag, count in report.top_tags)}")
+    for title, metadata in (("training metadata", report.training_metadata), ("other metadata", report.other_metadata)):
+        if metadata:
+            lines.append(f"{title}:")
+            lines += [f"  {key}: {_shorten(value)}" for key, value in sorted(metadata.items())]
+    if report.unmapped_keys:
+        lines.append(f"unmapped keys ({len(report.unmapped_keys)}, not loaded):")
+        lines += [f"  {key}" for key in report.unmapped_keys]
+    return "\n".join(lines)
+
+
+def _shorten(value: str) -> str:
+    value = " ".join(value.split())
+    return value if len(value) <= METADATA_VALUE_WIDTH else value[: METADATA_VALUE_WIDTH - 3] + "..."
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m studio.lora", description=__doc__.splitlines()[0])
+    subcommands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_inspect_command(subcommands)
+    add_convert_command(subcommands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except StudioError as error:
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
