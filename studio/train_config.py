@@ -1,0 +1,344 @@
+"""The DreamBooth LoRA training options: one dataclass, filled from the command line, a TOML/YAML file, or code.
+
+Every field is one option. Its flag is the field name with dashes (`--max-train-steps`); the underscore
+spelling that diffusers' docs use (`--max_train_steps`) works too, and so do both spellings as keys of a
+`--config` file. Precedence: defaults < config file < command line. Value checks live in `__post_init__`,
+so a `TrainConfig` built from code is checked the same way; checks that need the disk (folders, images,
+the output folder) are the trainer's, and still run before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import tomllib
+import yaml
+from diffusers.optimization import SchedulerType
+
+from studio.errors import StudioError
+
+# The names LoRA can target, as module-name suffixes (peft matches `name == t or name.endswith("." + t)`);
+# a longer suffix narrows the choice, e.g. `attn2.to_k` for the cross-attention keys only.
+UNET_TARGETS = (
+    "to_q", "to_k", "to_v", "to_out.0",  # attention projections
+    "add_k_proj", "add_v_proj",  # added-KV attention (some UNet variants)
+    "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",  # transformer blocks
+    "conv1", "conv2", "conv_shortcut", "time_emb_proj",  # resnet blocks
+)  # fmt: skip
+TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+INITS = ("default", "gaussian", "pissa", "olora")
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+CROPS = ("center", "random")
+REPORT_TO = ("auto", "none", "tensorboard", "wandb")
+LR_SCHEDULERS = tuple(s.value for s in SchedulerType if s.value != "piecewise_constant")
+
+# Options that change how a run is watched or stored, not what it learns: a folder holding a run that
+# differs only in these is the same run (it may be resumed, or extended with more steps).
+NOT_PART_OF_RUN = frozenset({
+    "output_dir", "resume_from_checkpoint", "max_train_steps", "checkpointing_steps", "checkpoints_total_limit",
+    "validation_prompt", "validation_steps", "num_validation_images", "report_to", "export_kohya",
+    "cache_latents", "cache_prompt_embeddings", "dataloader_num_workers", "gradient_checkpointing",
+})  # fmt: skip
+
+
+def _option(default: Any = MISSING, help: str = "", **metadata: Any) -> Any:
+    if default is MISSING:
+        return field(metadata={"help": help, **metadata})
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **metadata})
+    return field(default=default, metadata={"help": help, **metadata})
+
+
+@dataclass
+class TrainConfig:
+    """All DreamBooth LoRA options; the `help` of each field is its `--help` text."""
+
+    # What to learn
+    instance_dir: Path = _option(help="folder of images of the subject; a NAME.txt beside NAME.png is its caption")
+    instance_prompt: str = _option(help='prompt for images without a caption file, e.g. "a photo of sks dog"')
+    output_dir: Path = _option(help="where the LoRA, checkpoints and validation images go")
+    base: str = _option("demo", "base model: demo, tiny-sd, tiny-sdxl, a hub id, a diffusers folder or a .safetensors")
+    trigger_words: str | None = _option(
+        None, "comma-separated trigger words stored in the LoRA (default: the instance prompt)"
+    )
+
+    # Prior preservation
+    with_prior_preservation: bool = _option(False, "also train on class images so the class keeps its look")
+    class_dir: Path | None = _option(None, "folder of class images; missing ones are generated with the base model")
+    class_prompt: str | None = _option(None, 'prompt for the class images, e.g. "a photo of a dog"')
+    num_class_images: int = _option(100, "how many class images to use (generated if the folder holds fewer)")
+    prior_loss_weight: float = _option(1.0, "weight of the class-image loss")
+    sample_batch_size: int = _option(4, "batch size when generating class images")
+
+    # Images
+    resolution: int | None = _option(
+        None, "training resolution in pixels, a multiple of 8 (default: the base model's native size)"
+    )
+    crop: str = _option("center", "how images are cropped to the resolution or bucket", choices=CROPS)
+    random_flip: bool = _option(False, "flip images horizontally at random")
+    buckets: str | None = _option(None, 'aspect-ratio buckets: "auto", or "height,width;height,width;..." in pixels')
+    repeats: int = _option(1, "how many times each instance image appears in an epoch")
+
+    # LoRA
+    rank: int = _option(4, "LoRA rank")
+    alpha: float | None = _option(None, "LoRA alpha (default: the rank, i.e. scale 1)")
+    dropout: float = _option(0.0, "LoRA dropout")
+    init: str = _option("default", "LoRA initialisation (pissa/olora are saved converted to plain LoRA)", choices=INITS)
+    rslora: bool = _option(False, "rank-stabilised LoRA: scale alpha/sqrt(rank) instead of alpha/rank")
+    dora: bool = _option(False, "weight-decomposed LoRA (DoRA)")
+    unet_targets: list[str] = _option(
+        ["to_k"],
+        "comma-separated UNet module names to adapt, e.g. to_k,to_q,to_v,to_out.0 (attn2.to_k: cross-attention only)",
+    )
+    train_text_encoder: bool = _option(False, "also train LoRA on the text encoder(s) (both for SDXL)")
+    text_encoder_targets: list[str] = _option(
+        ["q_proj", "k_proj", "v_proj", "out_proj"], "comma-separated text-encoder module names to adapt"
+    )
+
+    # Optimisation
+    max_train_steps: int = _option(400, "optimizer steps to train")
+    train_batch_size: int = _option(1, "batch size per device")
+    gradient_accumulation_steps: int = _option(1, "batches accumulated per optimizer step")
+    learning_rate: float = _option(1e-4, "UNet LoRA learning rate (about 1.0 for prodigy)")
+    text_encoder_lr: float = _option(5e-6, "text-encoder LoRA learning rate")
+    loraplus_lr_ratio: float | None = _option(
+        None, "LoRA+: learning rate of the B matrices over that of the A matrices"
+    )
+    optimizer: str = _option(
+        "adamw", "adamw, adamw8bit (needs bitsandbytes) or prodigy (needs prodigyopt)", choices=OPTIMIZERS
+    )
+    adam_beta1: float = _option(0.9, "Adam beta1")
+    adam_beta2: float = _option(0.999, "Adam beta2")
+    adam_weight_decay: float = _option(1e-2, "weight decay")
+    adam_epsilon: float = _option(1e-8, "Adam epsilon")
+    max_grad_norm: float = _option(1.0, "gradient clipping norm")
+    lr_scheduler: str = _option("constant", "learning-rate schedule", choices=LR_SCHEDULERS)
+    lr_warmup_steps: int = _option(0, "warm-up steps of the schedule")
+    lr_num_cycles: int = _option(1, "cycles of cosine_with_restarts")
+    lr_power: float = _option(1.0, "power of the polynomial schedule")
+    snr_gamma: float | None = _option(None, "min-SNR weighting gamma (5.0 is usual); off when unset")
+    noise_offset: float = _option(0.0, "noise offset (0.05-0.1 helps very dark or bright images)")
+    mixed_precision: str = _option("no", "mixed precision", choices=MIXED_PRECISIONS)
+    gradient_checkpointing: bool = _option(False, "trade compute for memory")
+    seed: int = _option(0, "random seed: the same seed and options give the same LoRA")
+
+    # Speed
+    cache_latents: bool = _option(True, "encode images to latents once when no random augmentation is on")
+    cache_prompt_embeddings: bool = _option(True, "encode prompts once when the text encoders are not trained")
+    dataloader_num_workers: int = _option(0, "data-loading worker processes")
+
+    # Checkpoints and feedback
+    checkpointing_steps: int = _option(500, "save a resumable checkpoint every N steps")
+    checkpoints_total_limit: int | None = _option(None, "keep at most this many checkpoints")
+    resume_from_checkpoint: str | None = _option(None, 'resume from "latest" or a checkpoint folder')
+    validation_prompt: str | None = _option(None, "prompt for validation images and the final base-vs-LoRA grid")
+    validation_steps: int = _option(100, "make validation images every N steps")
+    num_validation_images: int = _option(4, "validation images per prompt")
+    inference_steps: int = _option(25, "denoising steps for class images and validation images")
+    report_to: str = _option(
+        "auto", "tracker for losses and images (auto: tensorboard when installed)", choices=REPORT_TO
+    )
+    export_kohya: bool = _option(False, "also write a kohya-named copy (A1111 / ComfyUI)")
+
+    def __post_init__(self) -> None:
+        self.instance_dir = Path(self.instance_dir)
+        self.output_dir = Path(self.output_dir)
+        self.class_dir = Path(self.class_dir) if self.class_dir is not None else None
+        self.unet_targets = _name_list(self.unet_targets)
+        self.text_encoder_targets = _name_list(self.text_encoder_targets)
+        if self.alpha is None:
+            self.alpha = float(self.rank)
+        if self.trigger_words is None:
+            self.trigger_words = self.instance_prompt
+
+        for name in ("instance_prompt",):
+            if not str(getattr(self, name)).strip():
+                raise StudioError(f"--{_flag(name)} is empty")
+        if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
+            raise StudioError(f"--resolution {self.resolution}: must be a positive multiple of 8")
+        if self.rank <= 0:
+            raise StudioError(f"--rank {self.rank}: must be at least 1")
+        for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "repeats",
+                     "checkpointing_steps", "validation_steps", "num_validation_images", "inference_steps",
+                     "sample_batch_size"):  # fmt: skip
+            if getattr(self, name) < 1:
+                raise StudioError(f"--{_flag(name)} {getattr(self, name)}: must be at least 1")
+        if self.learning_rate <= 0 or self.text_encoder_lr <= 0:
+            raise StudioError("--learning-rate and --text-encoder-lr must be positive")
+        if not 0.0 <= self.dropout < 1.0:
+            raise StudioError(f"--dropout {self.dropout}: must be in [0, 1)")
+        if self.loraplus_lr_ratio is not None and self.loraplus_lr_ratio < 1.0:
+            raise StudioError(f"--loraplus-lr-ratio {self.loraplus_lr_ratio}: must be at least 1")
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
+            raise StudioError(f"--checkpoints-total-limit {self.checkpoints_total_limit}: must be at least 1")
+        if self.dora and self.init in ("pissa", "olora"):
+            raise StudioError(f"--dora cannot be combined with --init {self.init}")
+        _check_targets("unet-targets", self.unet_targets, UNET_TARGETS)
+        _check_targets("text-encoder-targets", self.text_encoder_targets, TEXT_ENCODER_TARGETS)
+        if self.buckets is not None and self.buckets != "auto":
+            self.bucket_sizes()  # raises on a malformed list
+        if self.with_prior_preservation:
+            if not self.class_prompt or self.class_dir is None:
+                raise StudioError("--with-prior-preservation needs --class-prompt and --class-dir")
+            if self.num_class_images < 1:
+                raise StudioError(f"--num-class-images {self.num_class_images}: must be at least 1")
+        for name, choices in (("crop", CROPS), ("init", INITS), ("optimizer", OPTIMIZERS),
+                              ("mixed_precision", MIXED_PRECISIONS), ("report_to", REPORT_TO),
+                              ("lr_scheduler", LR_SCHEDULERS)):  # fmt: skip
+            if getattr(self, name) not in choices:
+                raise StudioError(f"--{_flag(name)} {getattr(self, name)!r}: use one of {', '.join(choices)}")
+
+    def bucket_sizes(self) -> list[tuple[int, int]] | None:
+        """The explicit `--buckets` list as (height, width) pairs; None for no buckets or "auto"."""
+        if self.buckets is None or self.buckets == "auto":
+            return None
+        sizes = []
+        for pair in self.buckets.split(";"):
+            parts = pair.split(",")
+            try:
+                height, width = (int(p) for p in parts)
+            except ValueError:
+                raise StudioError(f"--buckets {self.buckets!r}: write height,width pairs separated by ';'") from None
+            if height <= 0 or width <= 0 or height % 8 or width % 8:
+                raise StudioError(f"--buckets: {height},{width} is not a pair of positive multiples of 8")
+            sizes.append((height, width))
+        return sizes
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able values (paths as strings), as stored in the output folder and the LoRA metadata."""
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+
+    def run_identity(self) -> dict[str, Any]:
+        """The options that decide what is learned: two runs with equal identities are the same run."""
+        return {k: v for k, v in self.to_dict().items() if k not in NOT_PART_OF_RUN}
+
+
+def _name_list(value: str | list[str]) -> list[str]:
+    items = value.split(",") if isinstance(value, str) else list(value)
+    return [item.strip() for item in items if item.strip()]
+
+
+def _check_targets(flag: str, targets: list[str], known: tuple[str, ...]) -> None:
+    if not targets:
+        raise StudioError(f"--{flag} is empty")
+    unknown = [t for t in targets if not any(t == k or t.endswith("." + k) for k in known)]
+    if unknown:
+        raise StudioError(f"--{flag}: unknown module name(s) {', '.join(unknown)}; known: {', '.join(known)}")
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line through the CLI's StudioError path, not usage + message
+        raise StudioError(f"{message} (see --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, generated from the dataclass so flags, defaults and help cannot drift apart."""
+    parser = _Parser(
+        prog="python -m studio.train_dreambooth",
+        usage="%(prog)s --instance-dir DIR --instance-prompt TEXT --output-dir DIR [--base SOURCE] [options]",
+        description="Train a DreamBooth LoRA on SD1.x / SD2.x / SDXL; writes pytorch_lora_weights.safetensors "
+        "that plain diffusers loads with pipe.load_lora_weights(output_dir).",
+        argument_default=argparse.SUPPRESS,  # only what the user typed, so a config file can fill the rest
+    )
+    parser.add_argument("--config", type=Path, help="TOML or YAML file with the same keys; flags override it")
+    for option in fields(TrainConfig):
+        spellings = [f"--{_flag(option.name)}"]
+        if "_" in option.name:
+            spellings.append(f"--{option.name}")
+        help_text = option.metadata["help"]
+        if option.default is not MISSING and option.default is not None:
+            help_text += f" (default: {option.default})"
+        elif option.default_factory is not MISSING:
+            help_text += f" (default: {','.join(option.default_factory())})"
+        elif _required(option):
+            help_text += " (required)"
+        kind = _field_type(option.type)
+        if kind is bool:
+            parser.add_argument(*spellings, dest=option.name, action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            parser.add_argument(*spellings, dest=option.name, type=kind, help=help_text,
+                                choices=option.metadata.get("choices"),
+                                metavar=option.name.upper())  # fmt: skip
+    parser.add_argument("--center-crop", "--center_crop", dest="crop", action="store_const", const="center",
+                        help="same as --crop center (the diffusers spelling)")  # fmt: skip
+    return parser
+
+
+def _required(option) -> bool:
+    return option.default is MISSING and option.default_factory is MISSING
+
+
+def _field_type(annotation: str) -> type:
+    """The argparse type for a field annotation (annotations are strings under `from __future__`)."""
+    if annotation.startswith("bool"):
+        return bool
+    if annotation.startswith("int"):
+        return int
+    if annotation.startswith("float"):
+        return float
+    return str  # str, Path and comma-separated lists are parsed in __post_init__
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Keys of a TOML or YAML file, with dashes turned into underscores; unknown keys are an error."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise StudioError(f"{path}: cannot read config file ({error.strerror})") from None
+    try:
+        if path.suffix.lower() == ".toml":
+            values = tomllib.loads(text)
+        elif path.suffix.lower() in (".yaml", ".yml"):
+            values = yaml.safe_load(text) or {}
+        else:
+            raise StudioError(f"{path}: config file must end in .toml, .yaml or .yml")
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as error:
+        raise StudioError(f"{path}: not valid {path.suffix[1:].upper()}: {str(error).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise StudioError(f"{path}: config file must hold a table of options")
+    types = {option.name: _field_type(option.type) for option in fields(TrainConfig)}
+    values = {str(key).replace("-", "_"): value for key, value in values.items()}
+    unknown = sorted(set(values) - set(types))
+    if unknown:
+        raise StudioError(f"{path}: unknown option(s) {', '.join(unknown)}")
+    for name, value in values.items():
+        values[name] = _coerce(path, name, value, types[name])
+    return values
+
+
+def _coerce(path: Path, name: str, value: Any, kind: type) -> Any:
+    """YAML reads `1e-4` as a string: numbers written that way are accepted, anything else is named."""
+    if value is None or kind is str or isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind in (int, float) and isinstance(value, str):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    expected = {bool: "true or false", int: "an integer", float: "a number"}[kind]
+    raise StudioError(f"{path}: {name} = {value!r} should be {expected}")
+
+
+def parse_config(argv: list[str] | None = None) -> TrainConfig:
+    """Defaults, then `--config FILE`, then the flags typed: one checked `TrainConfig`."""
+    given = vars(build_parser().parse_args(argv))
+    config_file = given.pop("config", None)
+    values = read_config_file(config_file) if config_file is not None else {}
+    values.update(given)
+    missing = [f"--{_flag(o.name)}" for o in fields(TrainConfig) if _required(o) and o.name not in values]
+    if missing:
+        raise StudioError(f"missing required option(s): {', '.join(missing)}")
+    try:
+        return TrainConfig(**values)
+    except TypeError as error:  # a config-file value of the wrong kind, e.g. a table where a number goes
+        raise StudioError(f"bad option value: {error}") from None

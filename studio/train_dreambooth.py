@@ -1,0 +1,782 @@
+"""DreamBooth LoRA training for SD1.x, SD2.x and SDXL: `python -m studio.train_dreambooth --help`.
+
+Reads top to bottom like diffusers' training scripts: parse the config, check the inputs (before any model
+is loaded), load the models, generate missing class images, add LoRA adapters, prepare the data (caching
+latents and prompt embeddings when nothing is random), then the loop, checkpoints and the final save. The
+result is `pytorch_lora_weights.safetensors` in diffusers naming (plain `pipe.load_lora_weights(output_dir)`
+loads it) with kohya-style `ss_*` and `studio.*` metadata, and on request a kohya-named copy.
+
+    python -m studio.train_dreambooth --base demo --instance-dir shapes/ --instance-prompt "a sks shape" \\
+        --output-dir out/sks --max-train-steps 300 --learning-rate 1e-3
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import os
+import re
+import resource
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import safetensors.torch
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, is_tensorboard_available, is_wandb_available, set_seed
+from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import cast_training_params, compute_snr, free_memory, offload_models
+from diffusers.utils import make_image_grid
+from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
+from peft.optimizers import create_loraplus_optimizer
+from PIL import Image
+from tqdm.auto import tqdm
+
+from studio.base import BaseModel, load_base, pick_device_dtype
+from studio.data import (
+    BucketBatchSampler,
+    DreamBoothDataset,
+    ImageRecord,
+    PromptCache,
+    bucket_sizes,
+    cache_latents,
+    collate,
+    encode_prompts,
+    sample_latents,
+    scan_images,
+)
+from studio.errors import StudioError
+from studio.train_config import TrainConfig, parse_config
+
+logger = logging.getLogger("studio.train_dreambooth")
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+RUN_FILE = "training_config.json"  # marks a folder as holding a run, and which one
+TRAINING_STATE_FILE = "lora_training_state.safetensors"  # raw adapter tensors in a checkpoint, for resuming
+CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+KOHYA_BASE_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+
+
+@dataclass
+class TrainResult:
+    """What a finished run wrote and how fast it went."""
+
+    lora_path: Path
+    kohya_path: Path | None
+    steps: int
+    seconds: float
+    steps_per_second: float
+    peak_memory_mb: float
+    losses: list[float] = field(default_factory=list)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    logger.setLevel(logging.INFO)
+    try:
+        train(parse_config(argv))
+    except StudioError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def train(config: TrainConfig, base: BaseModel | None = None) -> TrainResult:
+    """Run one DreamBooth LoRA training as `config` says; every process of a multi-process launch calls it.
+
+    `base`, when given, is an already loaded base model to train on instead of loading `config.base`: its
+    pipeline keeps the trained adapters (named "default") afterwards."""
+    # 1. Check the inputs: every user mistake is reported here, before a model is loaded.
+    instance_images = scan_images(config.instance_dir, config.instance_prompt)
+    class_images: list[ImageRecord] = []
+    if config.with_prior_preservation:
+        class_images = scan_images(config.class_dir, config.class_prompt, "class", required=False)
+    check_output_dir(config)
+    resume_dir = find_resume_checkpoint(config)
+    optimizer_class = optimizer_class_for(config.optimizer)
+
+    accelerator = make_accelerator(config)
+    set_seed(config.seed, device_specific=True)
+
+    # 2. Load the base model; its scheduler's config says epsilon or v-prediction.
+    if base is None:
+        base = load_base(config.base, device=accelerator.device, dtype=torch.float32)
+    pipeline = base.pipeline
+    unet, vae = pipeline.unet, pipeline.vae
+    text_encoders = [pipeline.text_encoder] + ([pipeline.text_encoder_2] if base.family == "sdxl" else [])
+    tokenizers = [pipeline.tokenizer] + ([pipeline.tokenizer_2] if base.family == "sdxl" else [])
+    noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+    if noise_scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
+        raise StudioError(f"{config.base}: cannot train a {noise_scheduler.config.prediction_type!r}-prediction model")
+    resolution = config.resolution or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+    for module in (unet, vae, *text_encoders):
+        module.requires_grad_(False)
+
+    # 3. Prior preservation: generate the class images the class folder lacks, with the untouched base.
+    if config.with_prior_preservation:
+        class_images = complete_class_images(config, pipeline, accelerator, class_images, resolution)
+
+    # 4. Add the LoRA adapters; frozen weights go to the mixed-precision dtype, trained ones stay float32.
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    if weight_dtype != torch.float32:
+        for module in (unet, *text_encoders):
+            module.to(dtype=weight_dtype)
+    trained = {"unet": unet}
+    if config.train_text_encoder:
+        trained.update(zip(("text_encoder", "text_encoder_2"), text_encoders))
+    for name, module in trained.items():
+        targets = config.unet_targets if name == "unet" else config.text_encoder_targets
+        add_lora(module, name, lora_config(config, targets))
+    cast_training_params(list(trained.values()), dtype=torch.float32)
+    # PiSSA/OLoRA move part of the base weight into the adapter; remember the start to save plain LoRA deltas.
+    initial_state = (
+        {name: adapter_state(module) for name, module in trained.items()} if config.init in ("pissa", "olora") else None
+    )
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        for name in trained.keys() - {"unet"}:
+            trained[name].gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    # 5. Prepare the data; cache latents and prompt embeddings when they cannot change, then free the encoders.
+    buckets = bucket_sizes(resolution, config.buckets, config.bucket_sizes(), step=pipeline.vae_scale_factor * 8)
+    dataset = DreamBoothDataset(
+        instance_images, class_images, buckets, config.crop, config.random_flip, config.repeats, config.seed
+    )
+    if config.cache_latents and not dataset.is_random:
+        cache_latents(dataset, vae)
+    prompt_cache = None
+    if config.cache_prompt_embeddings and not config.train_text_encoder:
+        prompts = [r.prompt for r in instance_images + class_images]
+        prompt_cache = PromptCache(text_encoders, tokenizers, prompts)
+    if accelerator.device.type != "cpu":
+        for module, idle in [(vae, dataset.latents is not None)] + [
+            (te, prompt_cache is not None) for te in text_encoders
+        ]:
+            if idle:
+                module.to("cpu")
+        free_memory()
+    batch_sampler = BucketBatchSampler(dataset, config.train_batch_size, config.seed)
+    dataloader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=batch_sampler,
+        collate_fn=collate,
+        num_workers=config.dataloader_num_workers,
+        generator=torch.Generator().manual_seed(config.seed),  # else each epoch's iterator draws from the global RNG
+    )
+
+    # 6. Optimizer, learning-rate schedule, and accelerate's wrapping (DDP, mixed precision, accumulation).
+    optimizer = build_optimizer(config, optimizer_class, trained)
+    lr_scheduler = get_scheduler(
+        config.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=config.max_train_steps * accelerator.num_processes,
+        num_cycles=config.lr_num_cycles,
+        power=config.lr_power,
+    )
+    names = list(trained)
+    *wrapped, optimizer, dataloader, lr_scheduler = accelerator.prepare(
+        *trained.values(), optimizer, dataloader, lr_scheduler
+    )
+    wrapped = dict(zip(names, wrapped))
+    register_checkpoint_hooks(accelerator, trained)
+    if config.report_to != "none" and accelerator.is_main_process:
+        accelerator.init_trackers("dreambooth-lora", config=tracker_config(config))
+    if accelerator.is_main_process:
+        write_json_atomic(config.output_dir / RUN_FILE, config.to_dict())
+
+    # 7. Resume: restores the adapters, optimizer, schedule and every RNG, then skips the batches already seen.
+    global_step = 0
+    if resume_dir is not None:
+        accelerator.load_state(str(resume_dir))
+        global_step = int(CHECKPOINT.match(resume_dir.name).group(1))
+        logger.info("resumed from %s at step %d", resume_dir, global_step)
+    updates_per_epoch = math.ceil(len(dataloader) / config.gradient_accumulation_steps)
+    first_epoch = global_step // updates_per_epoch
+    batches_to_skip = (global_step % updates_per_epoch) * config.gradient_accumulation_steps
+
+    # 8. The loop.
+    trained_params = [p for module in trained.values() for p in module.parameters() if p.requires_grad]
+    denoiser = wrapped["unet"]
+    encoders_in_loop = [wrapped.get(n, te) for n, te in zip(("text_encoder", "text_encoder_2"), text_encoders)]
+    progress = tqdm(
+        total=config.max_train_steps, initial=global_step, desc="steps", disable=not accelerator.is_local_main_process
+    )
+    losses: list[float] = []
+    start_step, start_time, pause = global_step, time.perf_counter(), 0.0
+    for module in trained.values():
+        module.train()
+    for epoch in range(first_epoch, sys.maxsize):
+        if global_step >= config.max_train_steps:
+            break
+        batches = dataloader
+        if epoch == first_epoch and batches_to_skip:
+            batches = accelerator.skip_first_batches(dataloader, batches_to_skip)
+        batches.set_epoch(epoch)  # accelerate passes it on to the dataset and its sampler
+        for batch in batches:
+            with accelerator.accumulate(*wrapped.values()):
+                latents = sample_latents(batch, vae).to(weight_dtype)
+                noise = torch.randn_like(latents)
+                if config.noise_offset:
+                    noise += config.noise_offset * torch.randn(
+                        (latents.shape[0], latents.shape[1], 1, 1), device=latents.device, dtype=latents.dtype
+                    )
+                timesteps = torch.randint(
+                    0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device
+                )
+                noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+
+                if prompt_cache is not None:
+                    prompt_embeds, pooled_embeds = prompt_cache.lookup(batch["prompts"])
+                else:
+                    prompt_embeds, pooled_embeds = encode_prompts(encoders_in_loop, tokenizers, batch["prompts"])
+                added_cond = None
+                if base.family == "sdxl":
+                    added_cond = {"text_embeds": pooled_embeds, "time_ids": batch["time_ids"].to(latents.device)}
+                model_pred = denoiser(
+                    noisy_latents,
+                    timesteps,
+                    prompt_embeds.to(weight_dtype),
+                    added_cond_kwargs=added_cond,
+                    return_dict=False,
+                )[0]
+                target = denoising_target(noise_scheduler, latents, noise, timesteps)
+
+                prior_loss = None
+                if config.with_prior_preservation:  # instance views first, class views second (see data.collate)
+                    model_pred, prior_pred = model_pred.chunk(2)
+                    target, prior_target = target.chunk(2)
+                    timesteps = timesteps[: model_pred.shape[0]]
+                    prior_loss = F.mse_loss(prior_pred.float(), prior_target.float())
+                loss = diffusion_loss(model_pred, target, timesteps, noise_scheduler, config.snr_gamma)
+                if prior_loss is not None:
+                    loss = loss + config.prior_loss_weight * prior_loss
+
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(trained_params, config.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            losses.append(loss.detach().item())
+            progress.update(1)
+            progress.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
+            accelerator.log({"loss": losses[-1], "lr": lr_scheduler.get_last_lr()[0]}, step=global_step)
+
+            paused_at = time.perf_counter()
+            if global_step % config.checkpointing_steps == 0 and global_step < config.max_train_steps:
+                metadata = lora_metadata(config, base, global_step, resolution, len(instance_images), len(class_images))
+                save_checkpoint(accelerator, config, global_step, trained, initial_state, base.family, metadata)
+            if config.validation_prompt and global_step % config.validation_steps == 0 and accelerator.is_main_process:
+                images = validation_images(config, pipeline, accelerator, trained, vae, text_encoders)
+                save_validation(config, accelerator, images, global_step)
+            pause += time.perf_counter() - paused_at
+            if global_step >= config.max_train_steps:
+                break
+    progress.close()
+    seconds = time.perf_counter() - start_time - pause
+
+    # 9. Save the LoRA (and the kohya copy), make the base-vs-LoRA grid, report speed and memory.
+    accelerator.wait_for_everyone()
+    lora_path, kohya_path = config.output_dir / LORA_FILE, None
+    if accelerator.is_main_process:
+        metadata = lora_metadata(config, base, global_step, resolution, len(instance_images), len(class_images))
+        lora_path = save_lora(config.output_dir, trained, initial_state, base.family, metadata)
+        if config.export_kohya:
+            kohya_path = export_kohya(config.output_dir, trained, initial_state, base.family, metadata)
+        if config.validation_prompt:
+            save_comparison_grid(config, pipeline, accelerator, trained, vae, text_encoders)
+    accelerator.end_training()
+    steps_done = global_step - start_step
+    result = TrainResult(
+        lora_path=lora_path,
+        kohya_path=kohya_path,
+        steps=global_step,
+        seconds=seconds,
+        steps_per_second=steps_done / seconds if seconds > 0 else 0.0,
+        peak_memory_mb=peak_memory_mb(accelerator.device),
+        losses=losses,
+    )
+    if accelerator.is_main_process:
+        print(
+            f"trained {steps_done} steps in {result.seconds:.1f} s ({result.steps_per_second:.2f} steps/s), "
+            f"peak memory {result.peak_memory_mb:.0f} MB; LoRA: {lora_path}"
+            + (f"; kohya copy: {kohya_path}" if kohya_path else "")
+        )
+    return result
+
+
+# ---- checking inputs ---------------------------------------------------------------------------------------
+
+
+def check_output_dir(config: TrainConfig) -> None:
+    """An output folder must be new, empty, or hold this same run (to resume or extend it)."""
+    folder = config.output_dir
+    if folder.exists() and not folder.is_dir():
+        raise StudioError(f"{folder}: output dir is a file")
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return
+    run_file = folder / RUN_FILE
+    if not run_file.is_file():
+        raise StudioError(f"{folder}: output dir is not empty and holds no training run; pick a new or empty folder")
+    try:
+        previous = json.loads(run_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise StudioError(f"{run_file}: unreadable run description; pick a new or empty output dir") from None
+    current = config.run_identity()
+    differing = sorted(k for k in current if previous.get(k) != current[k])
+    if differing:
+        raise StudioError(
+            f"{folder}: output dir holds a different run ({', '.join(differing)} differ); pick a new output dir"
+        )
+
+
+def find_resume_checkpoint(config: TrainConfig) -> Path | None:
+    """The checkpoint folder to resume from: the highest complete one for "latest", else the path given."""
+    if config.resume_from_checkpoint is None:
+        if list_checkpoints(config.output_dir):
+            logger.warning(
+                "%s holds checkpoints of this run: --resume-from-checkpoint latest continues it", config.output_dir
+            )
+        return None
+    if config.resume_from_checkpoint == "latest":
+        checkpoints = list_checkpoints(config.output_dir)
+        if not checkpoints:
+            logger.info("no checkpoint in %s yet: starting a new run", config.output_dir)
+            return None
+        return checkpoints[-1]
+    path = Path(config.resume_from_checkpoint)
+    if not path.is_dir() and (config.output_dir / path).is_dir():
+        path = config.output_dir / path
+    if not path.is_dir() or not CHECKPOINT.match(path.name):
+        raise StudioError(f"{config.resume_from_checkpoint}: no such checkpoint folder (checkpoint-N)")
+    return path
+
+
+def list_checkpoints(folder: Path) -> list[Path]:
+    """Complete checkpoints (`checkpoint-N`, never the `.tmp` folders of an interrupted save), oldest first."""
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.is_dir() and CHECKPOINT.match(p.name)]
+    return sorted(found, key=lambda p: int(CHECKPOINT.match(p.name).group(1)))
+
+
+def optimizer_class_for(name: str) -> type[torch.optim.Optimizer]:
+    if name == "adamw":
+        return torch.optim.AdamW
+    if name == "adamw8bit":
+        try:
+            import bitsandbytes
+        except ImportError:
+            raise StudioError("--optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes") from None
+        return bitsandbytes.optim.AdamW8bit
+    try:
+        import prodigyopt
+    except ImportError:
+        raise StudioError("--optimizer prodigy needs prodigyopt: pip install prodigyopt") from None
+    return prodigyopt.Prodigy
+
+
+def make_accelerator(config: TrainConfig) -> Accelerator:
+    report_to = config.report_to
+    if report_to == "auto":
+        report_to = "tensorboard" if is_tensorboard_available() else "none"
+    elif report_to == "tensorboard" and not is_tensorboard_available():
+        raise StudioError("--report-to tensorboard needs tensorboard: pip install tensorboard")
+    elif report_to == "wandb" and not is_wandb_available():
+        raise StudioError("--report-to wandb needs wandb: pip install wandb")
+    config.report_to = report_to
+    try:
+        return Accelerator(
+            cpu=pick_device_dtype()[0].type == "cpu",  # lets torchrun / accelerate launch run DDP over gloo on CPUs
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
+            mixed_precision=config.mixed_precision,
+            log_with=None if report_to == "none" else report_to,
+            project_config=ProjectConfiguration(project_dir=config.output_dir, logging_dir=config.output_dir / "logs"),
+        )
+    except ValueError as error:  # e.g. fp16 on a machine without a GPU
+        raise StudioError(f"--mixed-precision {config.mixed_precision}: {str(error).splitlines()[0]}") from None
+
+
+# ---- models and adapters -----------------------------------------------------------------------------------
+
+
+def complete_class_images(
+    config: TrainConfig, pipeline, accelerator: Accelerator, existing: list[ImageRecord], resolution: int
+) -> list[ImageRecord]:
+    """Generate the class images the class folder lacks (split across processes) and keep them there."""
+    missing = config.num_class_images - len(existing)
+    if missing > 0:
+        config.class_dir.mkdir(parents=True, exist_ok=True)
+        numbers = []  # generated-NNNNN.png names not taken yet; the number also seeds the image
+        for number in itertools.count():
+            if len(numbers) == missing:
+                break
+            if not (config.class_dir / f"generated-{number:05d}.png").exists():
+                numbers.append(number)
+        logger.info("generating %d class images for %r in %s", missing, config.class_prompt, config.class_dir)
+        with accelerator.split_between_processes(numbers) as my_numbers:
+            for start in range(0, len(my_numbers), config.sample_batch_size):
+                chunk = my_numbers[start : start + config.sample_batch_size]
+                images = pipeline(
+                    [config.class_prompt] * len(chunk),
+                    num_inference_steps=config.inference_steps,
+                    height=resolution,
+                    width=resolution,
+                    generator=[torch.Generator(accelerator.device).manual_seed(config.seed + n) for n in chunk],
+                ).images
+                for number, image in zip(chunk, images):
+                    save_image_atomic(image, config.class_dir / f"generated-{number:05d}.png")
+        accelerator.wait_for_everyone()
+        existing = scan_images(config.class_dir, config.class_prompt, "class")
+    return existing[: config.num_class_images]
+
+
+def lora_config(config: TrainConfig, targets: list[str]) -> LoraConfig:
+    return LoraConfig(
+        r=config.rank,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        init_lora_weights=True if config.init == "default" else config.init,
+        target_modules=targets,
+        use_rslora=config.rslora,
+        use_dora=config.dora,
+    )
+
+
+def add_lora(module: torch.nn.Module, name: str, config: LoraConfig) -> None:
+    try:
+        module.add_adapter(config)
+    except ValueError as error:  # peft: none of the target modules exists in this model
+        raise StudioError(
+            f"{name}: cannot add LoRA on {sorted(config.target_modules)}: {str(error).splitlines()[0]}"
+        ) from None
+
+
+def adapter_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's tensors in peft naming (`...to_k.lora_A.weight`), detached copies."""
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(module).items()}
+
+
+def build_optimizer(config: TrainConfig, optimizer_class, trained: dict[str, torch.nn.Module]) -> torch.optim.Optimizer:
+    """One parameter group per model (the text encoders have their own learning rate); with LoRA+, peft
+    splits each into A and B groups, B at `loraplus_lr_ratio` times the rate."""
+    kwargs = {"weight_decay": config.adam_weight_decay, "eps": config.adam_epsilon}
+    kwargs["betas"] = (config.adam_beta1, config.adam_beta2)
+    groups = []
+    for name, module in trained.items():
+        lr = config.learning_rate if name == "unet" else config.text_encoder_lr
+        if config.loraplus_lr_ratio is None:
+            groups.append({"params": [p for p in module.parameters() if p.requires_grad], "lr": lr})
+        else:
+            loraplus = create_loraplus_optimizer(
+                module, optimizer_class, lr=lr, loraplus_lr_ratio=config.loraplus_lr_ratio,
+                loraplus_weight_decay=config.adam_weight_decay, **kwargs,
+            )  # fmt: skip
+            groups += [g for g in loraplus.param_groups if g["params"]]
+    if optimizer_class is torch.optim.AdamW:
+        kwargs["foreach"] = True  # one fused update over all LoRA tensors (torch picks it on GPUs, not on CPUs)
+    return optimizer_class(groups, lr=config.learning_rate, **kwargs)
+
+
+def denoising_target(noise_scheduler, latents, noise, timesteps) -> torch.Tensor:
+    """What the UNet learns to predict: the noise (epsilon models) or the velocity (v-prediction, SD2-v)."""
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        return noise_scheduler.get_velocity(latents, noise, timesteps)
+    return noise
+
+
+def diffusion_loss(model_pred, target, timesteps, noise_scheduler, snr_gamma: float | None) -> torch.Tensor:
+    """Mean squared error, optionally min-SNR weighted (https://arxiv.org/abs/2303.09556) as diffusers does."""
+    if snr_gamma is None:
+        return F.mse_loss(model_pred.float(), target.float(), reduction="mean")
+    snr = compute_snr(noise_scheduler, timesteps)
+    weights = torch.minimum(snr, torch.full_like(snr, snr_gamma)) / snr
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        weights = weights + 1  # v-prediction's target already carries a 1/(snr+1) factor
+    loss = F.mse_loss(model_pred.float(), target.float(), reduction="none")
+    return (loss.mean(dim=list(range(1, loss.ndim))) * weights).mean()
+
+
+# ---- checkpoints -------------------------------------------------------------------------------------------
+
+
+def register_checkpoint_hooks(accelerator: Accelerator, trained: dict[str, torch.nn.Module]) -> None:
+    """Checkpoints hold the adapters' tensors only, not the frozen base weights (as diffusers' scripts do)."""
+
+    def save_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            state = {
+                f"{name}.{key}": value
+                for name, module in trained.items()
+                for key, value in adapter_state(module).items()
+            }
+            safetensors.torch.save_file(state, os.path.join(output_dir, TRAINING_STATE_FILE))
+        weights.clear()  # accelerate would otherwise save every model's full state dict
+
+    def load_hook(models, input_dir):
+        state = safetensors.torch.load_file(os.path.join(input_dir, TRAINING_STATE_FILE))
+        for name, module in trained.items():
+            prefix = f"{name}."
+            own = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+            result = set_peft_model_state_dict(module, own)
+            if result.unexpected_keys:
+                raise StudioError(f"{input_dir}: checkpoint does not match this run ({name})")
+        models.clear()
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def save_checkpoint(
+    accelerator: Accelerator, config: TrainConfig, step: int, trained, initial_state, family: str, metadata: dict
+) -> None:
+    """accelerate's state (optimizer, schedule, RNGs) plus the LoRA so far, written to `checkpoint-N.tmp` and
+    renamed when complete, so an interrupted save never leaves a half checkpoint behind."""
+    final = config.output_dir / f"checkpoint-{step}"
+    staging = config.output_dir / f"checkpoint-{step}.tmp"
+    if accelerator.is_main_process and staging.exists():
+        shutil.rmtree(staging)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(staging))
+    if accelerator.is_main_process:
+        save_lora(staging, trained, initial_state, family, metadata)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging, final)
+        checkpoints = list_checkpoints(config.output_dir)
+        if config.checkpoints_total_limit is not None:
+            for old in checkpoints[: max(0, len(checkpoints) - config.checkpoints_total_limit)]:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+# ---- saving the LoRA ---------------------------------------------------------------------------------------
+
+
+def exported_adapter(module: torch.nn.Module, initial: dict[str, torch.Tensor] | None) -> tuple[dict, dict]:
+    """The adapter as a plain LoRA relative to the original base weights, and its peft config as a dict.
+
+    PiSSA/OLoRA changed the base to W - s·B0·A0; the learned change is s·(B·A - B0·A0), which is the plain
+    LoRA [B, -B0] @ [A; A0] of twice the rank (alpha scaled to keep s), as peft's `subtract_mutated_init`."""
+    state = adapter_state(module)
+    lora_settings = module.peft_config["default"].to_dict()
+    lora_settings["init_lora_weights"] = True  # the tensors are trained: loading must not re-initialise
+    if initial is None:
+        return state, lora_settings
+    for key, value in state.items():
+        if "lora_A" in key:
+            state[key] = torch.cat([value, initial[key]], dim=0)
+        elif "lora_B" in key:
+            state[key] = torch.cat([value, -initial[key]], dim=1)
+    lora_settings["r"] *= 2
+    lora_settings["lora_alpha"] *= math.sqrt(2) if lora_settings["use_rslora"] else 2
+    return state, lora_settings
+
+
+def save_lora(folder: Path, trained, initial_state, family: str, metadata: dict[str, str]) -> Path:
+    """`folder/pytorch_lora_weights.safetensors` via diffusers' own `save_lora_weights` (the adapters' peft
+    configs go in its `lora_adapter_metadata`), then our metadata added; written under a temp name, renamed.
+
+    Keys are in peft naming (`unet.<module>.lora_A.weight`), which diffusers loads natively. Not passed
+    through `convert_state_dict_to_diffusers` as diffusers' scripts do: that renames attention projections
+    only (`to_k.lora.down`), and diffusers then silently skips them in a file that also adapts other layers.
+    Text-encoder paths get the `text_model.` prefix of the transformers-4 layout, which every tool reads."""
+    pipeline_class = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    layers, settings = {}, {}
+    for name, module in trained.items():
+        state, lora_settings = exported_adapter(module, initial_state[name] if initial_state else None)
+        if name != "unet":
+            state = {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in state.items()}
+        layers[f"{name}_lora_layers"] = state
+        settings[f"{name}_lora_adapter_metadata"] = lora_settings
+    staging_name = f".{LORA_FILE}.{os.getpid()}.staging"
+    pipeline_class.save_lora_weights(folder, weight_name=staging_name, **layers, **settings)
+    staging = folder / staging_name
+    with safetensors.safe_open(staging, framework="pt") as handle:
+        diffusers_metadata = handle.metadata() or {}
+    tensors = safetensors.torch.load_file(staging)
+    path = folder / LORA_FILE
+    save_safetensors_atomic(tensors, path, {**diffusers_metadata, **metadata})
+    staging.unlink()
+    return path
+
+
+def export_kohya(folder: Path, trained, initial_state, family: str, metadata: dict[str, str]) -> Path:
+    """A kohya-named copy (`lora_unet_…`, `lora_te…`, `.lora_down/.lora_up/.alpha`) for A1111 / ComfyUI,
+    written by `studio.lora_io.write_lora` from the same adapters with each module's scale baked in."""
+    from studio.lora_io import write_lora
+
+    state = {}
+    for name, module in trained.items():
+        tensors, settings = exported_adapter(module, initial_state[name] if initial_state else None)
+        scale = settings["lora_alpha"] / (math.sqrt(settings["r"]) if settings["use_rslora"] else settings["r"])
+        for key, value in tensors.items():
+            state[f"{name}.{key}"] = value * scale if "lora_B" in key else value
+    return write_lora(folder / f"{folder.name}_kohya.safetensors", state, metadata, naming="kohya", family=family)
+
+
+def lora_metadata(
+    config: TrainConfig, base: BaseModel, steps: int, resolution: int, num_images: int, num_class: int
+) -> dict[str, str]:
+    """Safetensors metadata: `studio.*` keys, and kohya's `ss_*` keys where one means the same thing."""
+    v_prediction = base.pipeline.scheduler.config.get("prediction_type") == "v_prediction"
+    return {
+        "studio.base_model": base.source,
+        "studio.family": base.family,
+        "studio.rank": str(config.rank),
+        "studio.alpha": str(config.alpha),
+        "studio.unet_targets": ",".join(config.unet_targets),
+        "studio.text_encoder_targets": ",".join(config.text_encoder_targets) if config.train_text_encoder else "",
+        "studio.trigger_words": config.trigger_words,
+        "studio.trigger_prompt": config.instance_prompt,
+        "studio.steps": str(steps),
+        "studio.resolution": str(resolution),
+        "studio.prediction_type": "v_prediction" if v_prediction else "epsilon",
+        "studio.train_config": json.dumps(config.to_dict(), sort_keys=True),
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(config.rank),
+        "ss_network_alpha": str(config.alpha),
+        "ss_network_dropout": str(config.dropout),
+        "ss_network_args": json.dumps({"init": config.init, "use_rslora": config.rslora, "use_dora": config.dora}),
+        "ss_base_model_version": KOHYA_BASE_VERSIONS[base.family],
+        "ss_v2": str(base.family == "sd2"),
+        "ss_v_parameterization": str(v_prediction),
+        "ss_sd_model_name": base.source,
+        "ss_resolution": f"({resolution}, {resolution})",
+        "ss_enable_bucket": str(config.buckets is not None),
+        "ss_learning_rate": str(config.learning_rate),
+        "ss_unet_lr": str(config.learning_rate),
+        "ss_text_encoder_lr": str(config.text_encoder_lr) if config.train_text_encoder else "0",
+        "ss_network_train_unet_only": str(not config.train_text_encoder),
+        "ss_max_train_steps": str(config.max_train_steps),
+        "ss_steps": str(steps),
+        "ss_seed": str(config.seed),
+        "ss_batch_size_per_device": str(config.train_batch_size),
+        "ss_gradient_accumulation_steps": str(config.gradient_accumulation_steps),
+        "ss_gradient_checkpointing": str(config.gradient_checkpointing),
+        "ss_lr_scheduler": config.lr_scheduler,
+        "ss_lr_warmup_steps": str(config.lr_warmup_steps),
+        "ss_optimizer": config.optimizer,
+        "ss_mixed_precision": config.mixed_precision,
+        "ss_noise_offset": str(config.noise_offset),
+        "ss_min_snr_gamma": str(config.snr_gamma),
+        "ss_prior_loss_weight": str(config.prior_loss_weight),
+        "ss_output_name": config.output_dir.name,
+        "ss_num_train_images": str(num_images * config.repeats),
+        "ss_num_reg_images": str(num_class),
+        "ss_tag_frequency": json.dumps(
+            {"instance": {w.strip(): 1 for w in config.trigger_words.split(",") if w.strip()}}
+        ),
+    }
+
+
+# ---- validation --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def validation_images(config: TrainConfig, pipeline, accelerator, trained, vae, text_encoders) -> list[Image.Image]:
+    """`--num-validation-images` images of the validation prompt with the LoRA as trained so far (fixed seeds)."""
+    for module in trained.values():
+        module.eval()
+    try:
+        with offload_models(vae, *text_encoders, device=accelerator.device), accelerator.autocast():
+            generators = [
+                torch.Generator(accelerator.device).manual_seed(config.seed + i)
+                for i in range(config.num_validation_images)
+            ]
+            return pipeline(
+                [config.validation_prompt] * config.num_validation_images,
+                num_inference_steps=config.inference_steps,
+                height=config.resolution,
+                width=config.resolution,
+                generator=generators,
+            ).images
+    finally:
+        for module in trained.values():
+            module.train()
+
+
+def save_validation(config: TrainConfig, accelerator: Accelerator, images: list[Image.Image], step: int) -> None:
+    folder = config.output_dir / "validation"
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        save_image_atomic(image, folder / f"step-{step:06d}-{i}.png")
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            import numpy as np
+
+            tracker.writer.add_images("validation", np.stack([np.asarray(i) for i in images]), step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"validation": [wandb.Image(i, caption=config.validation_prompt) for i in images]}, step=step)
+
+
+def save_comparison_grid(config: TrainConfig, pipeline, accelerator, trained, vae, text_encoders) -> Path:
+    """Top row the base model, bottom row with the LoRA: same prompt, same seeds."""
+    with_lora = validation_images(config, pipeline, accelerator, trained, vae, text_encoders)
+    for module in trained.values():
+        module.disable_adapters()
+    try:
+        without = validation_images(config, pipeline, accelerator, trained, vae, text_encoders)
+    finally:
+        for module in trained.values():
+            module.enable_adapters()
+    grid = make_image_grid(without + with_lora, rows=2, cols=len(with_lora))
+    path = config.output_dir / "validation_grid.png"
+    save_image_atomic(grid, path)
+    return path
+
+
+# ---- small helpers -----------------------------------------------------------------------------------------
+
+
+def tracker_config(config: TrainConfig) -> dict:
+    """TensorBoard's hparams take scalars only."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.to_dict().items()}
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak accelerator memory on a GPU; the process's peak resident memory (RSS) otherwise."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _temp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    temp = _temp_name(path)
+    safetensors.torch.save_file(tensors, temp, metadata=metadata)
+    os.replace(temp, path)
+
+
+def save_image_atomic(image: Image.Image, path: Path) -> None:
+    temp = _temp_name(path)
+    image.save(temp, format="PNG")
+    os.replace(temp, path)
+
+
+def write_json_atomic(path: Path, value: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = _temp_name(path)
+    temp.write_text(json.dumps(value, indent=2, sort_keys=True), encoding="utf-8")
+    os.replace(temp, path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

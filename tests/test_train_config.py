@@ -1,0 +1,130 @@
+"""The trainer's options: one dataclass from flags, TOML or YAML, checked the same way whatever the source."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+import pytest
+
+from studio.errors import StudioError
+from studio.train_config import TrainConfig, build_parser, parse_config
+
+REQUIRED = ["--instance-dir", "imgs", "--instance-prompt", "a sks dog", "--output-dir", "out"]
+
+
+def test_toml_and_yaml_files_give_the_same_config_as_flags(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text(
+        'instance_dir = "imgs"\ninstance-prompt = "a sks dog"\noutput_dir = "out"\n'
+        'max_train_steps = 50\nlearning-rate = 1e-4\nunet_targets = ["to_k", "to_q"]\ntrain_text_encoder = true\n'
+    )
+    yaml = tmp_path / "run.yaml"
+    yaml.write_text(
+        "instance_dir: imgs\ninstance-prompt: a sks dog\noutput_dir: out\n"
+        "max_train_steps: 50\nlearning-rate: 1e-4\nunet_targets: to_k,to_q\ntrain_text_encoder: true\n"
+    )  # YAML reads 1e-4 as a string: it is still a learning rate
+    flags = REQUIRED + ["--max-train-steps", "50", "--learning_rate", "1e-4", "--unet-targets", "to_k,to_q",
+                        "--train-text-encoder"]  # fmt: skip
+    from_toml, from_yaml, from_flags = (
+        parse_config(["--config", str(toml)]),
+        parse_config(["--config", str(yaml)]),
+        parse_config(flags),
+    )
+    assert from_toml == from_yaml == from_flags
+    assert from_flags.learning_rate == 1e-4 and from_flags.unet_targets == ["to_k", "to_q"]
+
+
+def test_flags_override_the_config_file(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('instance_dir = "imgs"\ninstance_prompt = "x"\noutput_dir = "out"\nrank = 8\nrandom_flip = true\n')
+    config = parse_config(["--config", str(toml), "--rank", "16", "--no-random-flip"])
+    assert config.rank == 16 and config.alpha == 16.0 and config.random_flip is False
+
+
+def test_dash_and_underscore_flags_are_the_same_option():
+    dashes = parse_config(
+        REQUIRED + ["--train-batch-size", "3", "--gradient-accumulation-steps", "2", "--snr-gamma", "5"]
+    )
+    underscores = parse_config(
+        ["--instance_dir", "imgs", "--instance_prompt", "a sks dog", "--output_dir", "out",
+         "--train_batch_size", "3", "--gradient_accumulation_steps", "2", "--snr_gamma", "5"]
+    )  # fmt: skip
+    assert dashes == underscores
+    assert (dashes.train_batch_size, dashes.gradient_accumulation_steps, dashes.snr_gamma) == (3, 2, 5.0)
+
+
+def test_defaults_alpha_equals_rank_and_trigger_is_the_instance_prompt():
+    config = parse_config(REQUIRED + ["--rank", "8"])
+    assert config.alpha == 8.0
+    assert config.trigger_words == "a sks dog"
+    assert config.unet_targets == ["to_k"]
+    assert config.text_encoder_targets == ["q_proj", "k_proj", "v_proj", "out_proj"]
+    assert config.crop == "center" and not config.random_flip and config.cache_latents
+
+
+def test_diffusers_center_crop_flag_is_accepted():
+    assert parse_config(REQUIRED + ["--crop", "random", "--center_crop"]).crop == "center"
+
+
+def test_help_documents_every_option():
+    text = build_parser().format_help()
+    for option in fields(TrainConfig):
+        assert f"--{option.name.replace('_', '-')}" in text
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('instance_dir = "a"\nlearning_rat = 1e-4\n', "unknown option(s) learning_rat"),
+        ('rank = "big"\n', "rank = 'big' should be an integer"),
+        ("rank = [\n", "not valid TOML"),
+    ],
+)
+def test_bad_config_files_name_the_file_and_the_problem(tmp_path, content, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(content)
+    with pytest.raises(StudioError, match="bad.toml") as error:
+        parse_config(["--config", str(path)] + REQUIRED)
+    assert message in str(error.value)
+
+
+def test_missing_required_options_are_named():
+    with pytest.raises(StudioError, match="--instance-dir, --output-dir"):
+        parse_config(["--instance-prompt", "x"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"resolution": 100}, "multiple of 8"),
+        ({"rank": -1}, "--rank -1"),
+        ({"unet_targets": "to_k,attn"}, "unknown module name(s) attn"),
+        ({"buckets": "64x64"}, "height,width"),
+        ({"buckets": "60,64"}, "multiples of 8"),
+        ({"dora": True, "init": "pissa"}, "--dora cannot"),
+        ({"loraplus_lr_ratio": 0.5}, "at least 1"),
+        ({"with_prior_preservation": True}, "--class-prompt"),
+        ({"optimizer": "sgd"}, "adamw"),
+    ],
+)
+def test_values_are_checked_in_post_init(overrides, message):
+    with pytest.raises(StudioError) as error:
+        TrainConfig(instance_dir="i", instance_prompt="p", output_dir="o", **overrides)
+    assert message in str(error.value)
+
+
+def test_a_longer_module_suffix_narrows_the_targets():
+    config = TrainConfig(instance_dir="i", instance_prompt="p", output_dir="o", unet_targets="attn2.to_k,attn2.to_v")
+    assert config.unet_targets == ["attn2.to_k", "attn2.to_v"]  # cross-attention only, as peft matches suffixes
+    with pytest.raises(StudioError, match="attn2.to_z"):
+        TrainConfig(instance_dir="i", instance_prompt="p", output_dir="o", unet_targets="attn2.to_z")
+
+
+def test_run_identity_ignores_how_a_run_is_watched_but_not_what_it_learns():
+    one = TrainConfig(instance_dir="i", instance_prompt="p", output_dir="o")
+    watched = TrainConfig(
+        instance_dir="i", instance_prompt="p", output_dir="o2", max_train_steps=900, validation_prompt="v"
+    )
+    learns = TrainConfig(instance_dir="i", instance_prompt="p", output_dir="o", learning_rate=1e-3)
+    assert one.run_identity() == watched.run_identity()
+    assert one.run_identity() != learns.run_identity()

@@ -1,0 +1,145 @@
+"""DreamBooth data: captions, aspect-ratio buckets, crops and flips, and the latent / prompt caches."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from studio.data import (
+    BucketBatchSampler,
+    DreamBoothDataset,
+    PromptCache,
+    bucket_sizes,
+    cache_latents,
+    collate,
+    encode_prompts,
+    load_pixels,
+    scan_images,
+)
+from studio.tiny import tiny_sd_pipeline, tiny_sdxl_pipeline
+
+
+def gradient_image(path, width: int, height: int) -> None:
+    """Red grows left to right, green top to bottom: any crop or flip shows in the pixels."""
+    x = np.linspace(0, 255, width, dtype=np.float32)[None, :].repeat(height, 0)
+    y = np.linspace(0, 255, height, dtype=np.float32)[:, None].repeat(width, 1)
+    Image.fromarray(np.stack([x, y, np.zeros_like(x)], axis=-1).astype(np.uint8)).save(path)
+
+
+def test_a_caption_file_overrides_the_prompt_and_an_empty_one_does_not(tmp_path):
+    for name in ("a", "b", "c"):
+        gradient_image(tmp_path / f"{name}.png", 16, 16)
+    (tmp_path / "a.txt").write_text("a sks dog on a beach\n")
+    (tmp_path / "b.txt").write_text("  \n")
+    prompts = {r.path.stem: r.prompt for r in scan_images(tmp_path, "a sks dog")}
+    assert prompts == {"a": "a sks dog on a beach", "b": "a sks dog", "c": "a sks dog"}
+
+
+def test_center_crop_cuts_equally_from_both_sides(tmp_path):
+    gradient_image(tmp_path / "wide.png", 80, 64)
+    pixels, (top, left) = load_pixels(tmp_path / "wide.png", (64, 64), "center", False, random.Random(0))
+    assert pixels.shape == (3, 64, 64) and (top, left) == (0, 8)
+    expected_red = np.linspace(0, 255, 80)[8:72] / 127.5 - 1  # the middle 64 of 80 columns
+    np.testing.assert_allclose(pixels[0, 32].numpy(), expected_red, atol=0.02)
+
+
+def test_random_crop_and_flip_repeat_for_the_same_draw_and_vary_between_draws(tmp_path):
+    gradient_image(tmp_path / "wide.png", 96, 64)  # resized to cover 64x64 it stays 96x64: 32 columns to spare
+    draws = [load_pixels(tmp_path / "wide.png", (64, 64), "random", True, random.Random(seed)) for seed in range(8)]
+    again = load_pixels(tmp_path / "wide.png", (64, 64), "random", True, random.Random(3))
+    assert torch.equal(draws[3][0], again[0]) and draws[3][1] == again[1]
+    assert len({d[1] for d in draws}) > 1  # crop positions differ
+    red_rises = [bool(d[0][0, 32, -1] > d[0][0, 32, 0]) for d in draws]
+    assert True in red_rises and False in red_rises  # some are mirrored
+
+
+def test_buckets_keep_portrait_and_landscape_images_uncropped(tmp_path):
+    gradient_image(tmp_path / "portrait.png", 48, 96)
+    gradient_image(tmp_path / "landscape.png", 96, 48)
+    gradient_image(tmp_path / "square.png", 64, 64)
+    records = scan_images(tmp_path, "x")
+    buckets = bucket_sizes(64, "auto", None, step=16)
+    dataset = DreamBoothDataset(records, None, buckets)
+    by_name = {records[e.instance].path.stem: e.bucket for e in dataset.examples}
+    assert by_name["portrait"][0] > by_name["portrait"][1]
+    assert by_name["landscape"][0] < by_name["landscape"][1]
+    assert by_name["square"] == (64, 64)
+    height, width = by_name["portrait"]
+    assert abs(height / width - 2) < 0.25 and all(side % 16 == 0 for side in by_name["portrait"])
+    item = dataset[[r.path.stem for r in records].index("portrait")]["instance"]
+    assert item["pixels"].shape == (3, height, width)
+
+
+def test_batches_share_a_bucket_and_every_example_comes_once_per_epoch(tmp_path):
+    for i, size in enumerate([(48, 96), (96, 48), (64, 64), (48, 96), (96, 48), (64, 64), (64, 64)]):
+        gradient_image(tmp_path / f"{i}.png", *size)
+    dataset = DreamBoothDataset(scan_images(tmp_path, "x"), None, bucket_sizes(64, "auto", None, 16), repeats=2)
+    sampler = BucketBatchSampler(dataset, batch_size=2, seed=0)
+    batches = list(sampler)
+    assert len(batches) == len(sampler)
+    assert sorted(i for b in batches for i in b) == list(range(14))
+    assert all(len({dataset.examples[i].bucket for i in b}) == 1 for b in batches)
+    assert list(sampler) == batches  # same seed and epoch, same order
+    dataset.set_epoch(1)
+    assert list(sampler) != batches
+
+
+def test_prior_preservation_pairs_each_instance_with_a_class_image_in_the_same_bucket(tmp_path):
+    (tmp_path / "i").mkdir(), (tmp_path / "c").mkdir()
+    gradient_image(tmp_path / "i" / "tall.png", 48, 96)
+    for n in range(3):
+        gradient_image(tmp_path / "c" / f"{n}.png", 64, 64)
+    dataset = DreamBoothDataset(
+        scan_images(tmp_path / "i", "sks"), scan_images(tmp_path / "c", "dog"), bucket_sizes(64, "auto", None, 16)
+    )
+    assert len(dataset) == 3  # as long as the longer list
+    batch = collate([dataset[0], dataset[1]])
+    assert batch["prompts"] == ["sks", "sks", "dog", "dog"]  # instance views first, then class views
+    assert batch["pixels"].shape[0] == 4 and batch["pixels"].shape[2] > batch["pixels"].shape[3]
+    original, crop, target = batch["time_ids"][0].split(2)
+    assert original.tolist() == [96, 48] and target.tolist() == list(batch["pixels"].shape[2:])
+
+
+def test_cached_latents_are_the_vae_distribution_of_the_same_pixels(tmp_path):
+    gradient_image(tmp_path / "a.png", 80, 64)
+    vae = tiny_sd_pipeline().vae
+    dataset = DreamBoothDataset(scan_images(tmp_path, "x"), None, [(64, 64)])
+    pixels = dataset[0]["instance"]["pixels"]
+    cache_latents(dataset, vae)
+    cached = collate([dataset[0]])["latent_parameters"]
+    with torch.no_grad():
+        expected = vae.encode(pixels[None]).latent_dist
+    torch.testing.assert_close(cached[:, :4], expected.mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cached[:, 4:], expected.logvar, rtol=1e-5, atol=1e-5)
+
+
+def test_latents_of_randomly_augmented_images_are_never_cached(tmp_path):
+    gradient_image(tmp_path / "a.png", 64, 64)
+    dataset = DreamBoothDataset(scan_images(tmp_path, "x"), None, [(64, 64)], random_flip=True)
+    with pytest.raises(ValueError):
+        cache_latents(dataset, tiny_sd_pipeline().vae)
+
+
+@pytest.mark.parametrize("make", [tiny_sd_pipeline, tiny_sdxl_pipeline])
+def test_prompt_cache_matches_the_pipelines_own_prompt_encoding(make):
+    pipe = make()
+    sdxl = hasattr(pipe, "text_encoder_2")
+    encoders = [pipe.text_encoder, pipe.text_encoder_2] if sdxl else [pipe.text_encoder]
+    tokenizers = [pipe.tokenizer, pipe.tokenizer_2] if sdxl else [pipe.tokenizer]
+    cache = PromptCache(encoders, tokenizers, ["a red circle", "a sks shape", "a red circle"])
+    embeds, pooled = cache.lookup(["a sks shape", "a red circle"])
+    with torch.no_grad():
+        if sdxl:
+            expected, _, expected_pooled, _ = pipe.encode_prompt(
+                ["a sks shape", "a red circle"], device="cpu", do_classifier_free_guidance=False
+            )
+            torch.testing.assert_close(pooled, expected_pooled)
+        else:
+            expected = pipe.encode_prompt(["a sks shape", "a red circle"], "cpu", 1, False)[0]
+            assert pooled is None
+        torch.testing.assert_close(embeds, expected)
+        torch.testing.assert_close(encode_prompts(encoders, tokenizers, ["a sks shape"])[0], expected[:1])

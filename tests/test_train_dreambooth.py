@@ -1,0 +1,495 @@
+"""The DreamBooth LoRA trainer, end to end on the tiny SD and SDXL pipelines (a few steps each).
+
+Every LoRA it writes is checked from the outside: loaded by plain diffusers into a fresh pipeline, its
+deltas recomputed from the raw tensors, images compared with the base model's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMScheduler
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from studio import demo_world
+from studio.base import load_base
+from studio.tiny import tiny_sd_pipeline, tiny_sdxl_pipeline
+from studio.train_config import TrainConfig
+from studio.train_dreambooth import LORA_FILE, RUN_FILE, denoising_target, diffusion_loss, main, train
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROMPT = "a sks shape"
+ALL_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
+BLOCK_TARGETS = ALL_ATTENTION + ["proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"]
+TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core machine two threads thrash."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def draw_images(folder: Path, sizes: list[tuple[int, int]]) -> Path:
+    """Purple stars (what the demo model never saw), one per (width, height)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, (width, height) in enumerate(sizes):
+        image = demo_world.draw_shape("purple", "star", size_px=max(width, height), rng=i)
+        image.crop((0, 0, width, height)).save(folder / f"star-{i}.png")
+    return folder
+
+
+def options(tmp: Path, **overrides) -> TrainConfig:
+    values = dict(
+        base="tiny-sd",
+        instance_dir=tmp / "images",
+        instance_prompt=PROMPT,
+        output_dir=tmp / "out",
+        max_train_steps=2,
+        report_to="none",
+    )
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def lora_metadata(path: Path) -> dict[str, str]:
+    with safe_open(path, framework="pt") as handle:
+        return handle.metadata()
+
+
+def targeted(module: torch.nn.Module, targets: list[str]) -> set[str]:
+    return {n for n, _ in module.named_modules() if any(n == t or n.endswith("." + t) for t in targets)}
+
+
+def adapted(module: torch.nn.Module) -> set[str]:
+    """Modules diffusers/peft put a LoRA on (peft renames the wrapped layer `base_layer`)."""
+    return {n for n, m in module.named_modules() if hasattr(m, "lora_A") and len(m.lora_A)}
+
+
+def images(pipe, prompt: str = PROMPT, seed: int = 0) -> np.ndarray:
+    generator = torch.Generator("cpu").manual_seed(seed)
+    return pipe(prompt, num_inference_steps=2, generator=generator, output_type="np").images
+
+
+# ---- one SD1 run shared by several tests: all attention projections and the text encoder, kohya export ----
+
+
+@pytest.fixture(scope="module")
+def sd_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sd")
+    draw_images(tmp / "images", [(64, 64), (64, 64)])
+    base = load_base("tiny-sd", device="cpu")
+    before = {
+        name: {k: v.clone() for k, v in module.state_dict().items()}
+        for name, module in (("unet", base.pipeline.unet), ("text_encoder", base.pipeline.text_encoder))
+    }
+    config = options(
+        tmp,
+        max_train_steps=30,
+        learning_rate=1e-2,
+        unet_targets=BLOCK_TARGETS,  # attention alone barely moves a random tiny UNet in 30 steps
+        train_text_encoder=True,
+        text_encoder_lr=1e-3,
+        export_kohya=True,
+    )
+    result = train(config, base=base)
+    return SimpleNamespace(tmp=tmp, config=config, base=base, before=before, result=result)
+
+
+def test_only_lora_tensors_change_and_base_weights_stay_bit_identical(sd_run):
+    modules = {"unet": sd_run.base.pipeline.unet, "text_encoder": sd_run.base.pipeline.text_encoder}
+    for name, module in modules.items():
+        after = module.state_dict()
+        lora_keys = [k for k in after if "lora_" in k]
+        base_keys = [k for k in after if "lora_" not in k]
+        assert lora_keys, name
+        assert {k.replace("base_layer.", "") for k in base_keys} == set(sd_run.before[name])
+        for key in base_keys:
+            assert torch.equal(after[key], sd_run.before[name][key.replace("base_layer.", "")]), key
+        trained_up = [after[k] for k in lora_keys if "lora_B" in k]
+        assert all(t.abs().max() > 0 for t in trained_up)  # B starts at zero: every module learned something
+
+
+def fixed_batch_loss(pipe, image_folder: Path) -> float:
+    """The denoising loss on one fixed batch: both training images, fixed noise and timesteps."""
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    pixels = torch.stack([
+        torch.from_numpy(np.asarray(demo_world.draw_shape("purple", "star", size_px=64, rng=i), dtype=np.float32))
+        .permute(2, 0, 1) / 127.5 - 1
+        for i in range(2)
+    ])  # fmt: skip
+    generator = torch.Generator().manual_seed(123)
+    with torch.no_grad():
+        latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
+        latents = latents.repeat(4, 1, 1, 1)
+        noise = torch.randn(latents.shape, generator=generator)
+        timesteps = torch.tensor([100, 100, 300, 300, 500, 500, 800, 800])
+        embeds = pipe.encode_prompt(PROMPT, "cpu", 1, False)[0].repeat(8, 1, 1)
+        prediction = pipe.unet(scheduler.add_noise(latents, noise, timesteps), timesteps, embeds).sample
+    return torch.nn.functional.mse_loss(prediction, noise).item()
+
+
+def test_loss_goes_down_on_a_fixed_batch(sd_run):
+    pipe = tiny_sd_pipeline()
+    before = fixed_batch_loss(pipe, sd_run.tmp / "images")
+    pipe.load_lora_weights(sd_run.config.output_dir)
+    after = fixed_batch_loss(pipe, sd_run.tmp / "images")
+    assert after < 0.9 * before
+
+
+def test_output_loads_in_plain_diffusers_changes_images_and_disable_restores_base(sd_run):
+    pipe = tiny_sd_pipeline()
+    base_images = images(pipe)
+    pipe.load_lora_weights(sd_run.config.output_dir)  # a folder, as users of diffusers' scripts do
+    assert set(pipe.get_list_adapters()) == {"unet", "text_encoder"}
+    assert adapted(pipe.unet) == targeted(tiny_sd_pipeline().unet, BLOCK_TARGETS)  # no module silently skipped
+    assert adapted(pipe.text_encoder) == targeted(tiny_sd_pipeline().text_encoder, TEXT_TARGETS)
+    lora_images = images(pipe)
+    assert np.abs(lora_images - base_images).max() > 1e-3
+    pipe.disable_lora()
+    assert np.array_equal(images(pipe), base_images)
+
+
+def test_metadata_describes_the_training(sd_run):
+    metadata = lora_metadata(sd_run.result.lora_path)
+    assert metadata["studio.family"] == "sd1"
+    assert metadata["studio.base_model"] == "tiny-sd"
+    assert metadata["studio.trigger_words"] == PROMPT
+    assert metadata["studio.steps"] == "30" == metadata["ss_steps"]
+    assert metadata["studio.unet_targets"] == ",".join(BLOCK_TARGETS)
+    assert metadata["ss_network_dim"] == "4" and metadata["ss_network_alpha"] == "4.0"
+    assert metadata["ss_resolution"] == "(64, 64)"  # tiny SD's native size
+    assert metadata["ss_base_model_version"] == "sd_v1"
+    assert json.loads(metadata["studio.train_config"])["learning_rate"] == 1e-2
+    adapter_settings = json.loads(metadata["lora_adapter_metadata"])  # diffusers' own peft-config record
+    assert adapter_settings["unet.r"] == 4 and adapter_settings["text_encoder.r"] == 4
+    assert json.loads((sd_run.config.output_dir / RUN_FILE).read_text())["max_train_steps"] == 30
+
+
+def diffusers_deltas(path: Path) -> dict[str, torch.Tensor]:
+    """scale * B @ A per module of a diffusers/peft-named file, keyed by component and module path."""
+    tensors = load_file(path)
+    settings = json.loads(lora_metadata(path)["lora_adapter_metadata"])
+    deltas = {}
+    for key, down in tensors.items():
+        if key.endswith(".lora_A.weight"):
+            module = key[: -len(".lora_A.weight")]
+            component = module.split(".")[0]
+            scale = settings[f"{component}.lora_alpha"] / settings[f"{component}.r"]
+            up = tensors[f"{module}.lora_B.weight"]
+            deltas[module] = scale * up.flatten(1) @ down.flatten(1)  # convolutions too
+    return deltas
+
+
+def test_kohya_export_holds_exactly_the_same_deltas(sd_run):
+    kohya = load_file(sd_run.result.kohya_path)
+    expected = diffusers_deltas(sd_run.result.lora_path)
+    pipe = tiny_sd_pipeline()
+    modules = len(targeted(pipe.unet, BLOCK_TARGETS)) + len(targeted(pipe.text_encoder, TEXT_TARGETS))
+    assert len(expected) == len([k for k in kohya if k.endswith(".lora_down.weight")]) == modules
+    for module, delta in expected.items():
+        component, path = module.split(".", 1)
+        name = ("lora_unet_" if component == "unet" else "lora_te_") + path.replace(".", "_")
+        down, up = kohya[f"{name}.lora_down.weight"], kohya[f"{name}.lora_up.weight"]
+        rank = down.shape[0]
+        kohya_delta = kohya[f"{name}.alpha"].item() / rank * up.flatten(1) @ down.flatten(1)
+        torch.testing.assert_close(kohya_delta, delta, rtol=1e-5, atol=1e-7)
+
+
+def test_kohya_export_loads_through_the_studio_with_the_same_images(sd_run):
+    from studio.adapters import Studio
+
+    pipe = tiny_sd_pipeline()
+    pipe.load_lora_weights(sd_run.config.output_dir)
+    expected = images(pipe)
+    studio = Studio(load_base("tiny-sd", device="cpu"))
+    studio.load_adapter(sd_run.result.kohya_path, name="kohya")
+    got = np.stack([np.asarray(i, dtype=np.float32) / 255 for i in studio.generate(PROMPT, seed=0, steps=2)])
+    assert np.abs(got - expected).max() <= 1.5 / 255  # the same image, up to 8-bit rounding
+
+
+# ---- SDXL: both text encoders, buckets for mixed sizes, validation images -------------------------------
+
+
+@pytest.fixture(scope="module")
+def sdxl_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sdxl")
+    draw_images(tmp / "images", [(48, 80), (80, 48)])  # one portrait, one landscape
+    config = options(
+        tmp,
+        base="tiny-sdxl",
+        max_train_steps=2,
+        learning_rate=1e-2,
+        train_text_encoder=True,
+        text_encoder_lr=1e-2,
+        buckets="auto",
+        validation_prompt=PROMPT,
+        validation_steps=2,
+        num_validation_images=1,
+        inference_steps=1,
+        export_kohya=True,
+    )
+    return SimpleNamespace(config=config, result=train(config))
+
+
+def test_sdxl_lora_has_keys_for_both_text_encoders_and_loads_in_plain_diffusers(sdxl_run):
+    keys = load_file(sdxl_run.result.lora_path).keys()
+    assert {k.split(".")[0] for k in keys} == {"unet", "text_encoder", "text_encoder_2"}
+    for component in ("text_encoder", "text_encoder_2"):
+        for projection in TEXT_TARGETS:
+            assert any(k.startswith(f"{component}.") and f".{projection}.lora_A" in k for k in keys)
+    assert lora_metadata(sdxl_run.result.lora_path)["studio.family"] == "sdxl"
+    pipe = tiny_sdxl_pipeline()
+    base_images = images(pipe)
+    pipe.load_lora_weights(sdxl_run.config.output_dir)
+    assert set(pipe.get_list_adapters()) == {"unet", "text_encoder", "text_encoder_2"}
+    assert np.abs(images(pipe) - base_images).max() > 1e-4
+
+
+def test_sdxl_kohya_export_names_both_encoders(sdxl_run):
+    keys = load_file(sdxl_run.result.kohya_path).keys()
+    assert any(k.startswith("lora_te1_") for k in keys) and any(k.startswith("lora_te2_") for k in keys)
+    assert any(k.startswith("lora_unet_") for k in keys)
+
+
+def test_validation_images_and_base_vs_lora_grid_are_written(sdxl_run):
+    out = sdxl_run.config.output_dir
+    assert (out / "validation" / "step-000002-0.png").is_file()
+    from PIL import Image
+
+    with Image.open(out / "validation_grid.png") as grid:
+        assert grid.size == (64, 128)  # one column, base row above LoRA row
+
+
+# ---- resuming, several processes, prior preservation, LoRA variants -------------------------------------
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    draw_images(tmp_path / "images", [(80, 72), (72, 80), (80, 80)])  # larger than 64: random crops differ
+    config = dict(
+        max_train_steps=5,
+        checkpointing_steps=1,
+        checkpoints_total_limit=2,
+        gradient_accumulation_steps=2,
+        learning_rate=1e-2,
+        crop="random",
+        random_flip=True,
+        train_text_encoder=True,
+        snr_gamma=5.0,
+        noise_offset=0.05,
+        lr_scheduler="cosine",
+        lr_warmup_steps=2,
+    )
+    train(options(tmp_path, **config))
+    uninterrupted = load_file(tmp_path / "out" / LORA_FILE)
+    checkpoints = sorted(p.name for p in (tmp_path / "out").iterdir() if p.name.startswith("checkpoint"))
+    assert checkpoints == ["checkpoint-3", "checkpoint-4"]  # the limit keeps the newest two, none half-written
+
+    resumed = train(options(tmp_path, **config, resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-3")))
+    assert resumed.steps == 5 and len(resumed.losses) == 2
+    again = load_file(tmp_path / "out" / LORA_FILE)
+    assert again.keys() == uninterrupted.keys()
+    for key in uninterrupted:
+        assert torch.equal(again[key], uninterrupted[key]), key
+
+
+def test_two_process_torchrun_completes_and_writes_one_output(tmp_path):
+    draw_images(tmp_path / "images", [(64, 64), (64, 64)])
+    out = tmp_path / "out"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+        "-m", "studio.train_dreambooth", "--base", "tiny-sd", "--instance-dir", str(tmp_path / "images"),
+        "--instance_prompt", PROMPT, "--output-dir", str(out), "--max-train-steps", "2", "--checkpointing-steps", "1",
+        "--report-to", "none",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("trained 2 steps") == 1  # the summary comes from the main process only
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["checkpoint-1", LORA_FILE, RUN_FILE]
+    assert sorted(p.name for p in (out / "checkpoint-1").iterdir()) == sorted([
+        LORA_FILE, "lora_training_state.safetensors", "optimizer.bin", "scheduler.bin",
+        "random_states_0.pkl", "random_states_1.pkl",
+    ])  # fmt: skip
+    assert load_file(out / LORA_FILE)
+
+
+def test_prior_preservation_generates_the_missing_class_images_and_keeps_them(tmp_path):
+    draw_images(tmp_path / "images", [(64, 64)])
+    class_dir = tmp_path / "class"
+    class_dir.mkdir()
+    demo_world.draw_shape("red", "circle", size_px=64, rng=0).save(class_dir / "mine.png")
+    config = options(
+        tmp_path,
+        with_prior_preservation=True,
+        class_prompt="a shape",
+        class_dir=class_dir,
+        num_class_images=3,
+        inference_steps=1,
+    )
+    result = train(config)
+    assert sorted(p.name for p in class_dir.iterdir()) == ["generated-00000.png", "generated-00001.png", "mine.png"]
+    assert lora_metadata(result.lora_path)["ss_num_reg_images"] == "3"
+
+
+def test_pissa_is_saved_as_a_plain_lora_against_the_original_base(tmp_path):
+    draw_images(tmp_path / "images", [(64, 64)])
+    base = load_base("tiny-sd", device="cpu")
+    result = train(options(tmp_path, init="pissa", rank=2, learning_rate=1e-2), base=base)
+    module_path = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_k"
+    trained = base.pipeline.unet.get_submodule(module_path)
+    trained_weight = trained.base_layer.weight + trained.get_delta_weight("default")  # W_res + s·B·A
+
+    tensors = load_file(result.lora_path)
+    settings = json.loads(lora_metadata(result.lora_path)["lora_adapter_metadata"])
+    down, up = tensors[f"unet.{module_path}.lora_A.weight"], tensors[f"unet.{module_path}.lora_B.weight"]
+    assert down.shape[0] == settings["unet.r"] == 4  # twice the rank: [B, -B0] @ [A; A0]
+    original = tiny_sd_pipeline().unet.get_submodule(module_path).weight
+    scale = settings["unet.lora_alpha"] / settings["unet.r"]
+    torch.testing.assert_close(original + scale * up @ down, trained_weight, rtol=1e-5, atol=1e-6)
+
+
+def test_dora_rslora_loraplus_gaussian_train_and_load_in_plain_diffusers(tmp_path):
+    draw_images(tmp_path / "images", [(64, 64)])
+    result = train(
+        options(tmp_path, dora=True, rslora=True, init="gaussian", loraplus_lr_ratio=16.0, learning_rate=1e-2, rank=2)
+    )
+    settings = json.loads(lora_metadata(result.lora_path)["lora_adapter_metadata"])
+    assert settings["unet.use_dora"] and settings["unet.use_rslora"]
+    assert any("magnitude" in k for k in load_file(result.lora_path))
+    pipe = tiny_sd_pipeline()
+    base_images = images(pipe)
+    pipe.load_lora_weights(tmp_path / "out")
+    assert np.abs(images(pipe) - base_images).max() > 1e-4
+
+
+# ---- the loss ----------------------------------------------------------------------------------------------
+
+
+def test_v_prediction_models_learn_the_velocity():
+    scheduler = DDPMScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="v_prediction"
+    )
+    latents, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    timesteps = torch.tensor([10, 700])
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    alpha_bar = torch.cumprod(1 - betas, 0)[timesteps].float().view(-1, 1, 1, 1)
+    expected = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * latents
+    torch.testing.assert_close(denoising_target(scheduler, latents, noise, timesteps), expected, rtol=1e-4, atol=1e-5)
+    epsilon = DDPMScheduler(prediction_type="epsilon")
+    assert denoising_target(epsilon, latents, noise, timesteps) is noise
+
+
+def test_min_snr_weighting_caps_each_sample_at_gamma_over_snr():
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    prediction, target = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    timesteps = torch.tensor([5, 900])  # high SNR (weight gamma/snr < 1), low SNR (weight 1)
+    alpha_bar = scheduler.alphas_cumprod[timesteps]
+    snr = alpha_bar / (1 - alpha_bar)
+    per_sample = ((prediction - target) ** 2).mean(dim=(1, 2, 3))
+    expected = (per_sample * torch.clamp(5.0 / snr, max=1.0)).mean()
+    torch.testing.assert_close(diffusion_loss(prediction, target, timesteps, scheduler, 5.0), expected)
+    torch.testing.assert_close(diffusion_loss(prediction, target, timesteps, scheduler, None), per_sample.mean())
+
+
+# ---- bad input: one line on stderr, exit code 2, no model loaded --------------------------------------------
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    monkeypatch.setattr("studio.train_dreambooth.load_base", refuse)
+
+
+def bad_input_cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
+    good = draw_images(tmp / "good", [(64, 64)])
+    (tmp / "empty").mkdir()
+    (tmp / "broken").mkdir()
+    (tmp / "broken" / "a.png").write_bytes(b"not a png")
+    (tmp / "other-run").mkdir()
+    (tmp / "other-run" / RUN_FILE).write_text(json.dumps({**options(tmp, instance_dir=good).to_dict(), "rank": 16}))
+    (tmp / "not-a-run").mkdir()
+    (tmp / "not-a-run" / "notes.txt").write_text("mine")
+    return {
+        "missing instance dir": (["--instance-dir", str(tmp / "nope")], "folder not found"),
+        "empty instance dir": (["--instance-dir", str(tmp / "empty")], "holds no images"),
+        "no readable image": (["--instance-dir", str(tmp / "broken")], "could be read"),
+        "resolution": (["--instance-dir", str(good), "--resolution", "60"], "multiple of 8"),
+        "rank": (["--instance-dir", str(good), "--rank", "0"], "--rank 0"),
+        "unet target": (["--instance-dir", str(good), "--unet-targets", "to_k,to_z"], "to_z"),
+        "text encoder target": (["--instance-dir", str(good), "--text-encoder-targets", "qproj"], "qproj"),
+        "different run": (["--instance-dir", str(good), "--output-dir", str(tmp / "other-run")], "different run (rank"),
+        "foreign folder": (
+            ["--instance-dir", str(good), "--output-dir", str(tmp / "not-a-run")],
+            "holds no training run",
+        ),
+        "missing checkpoint": (
+            ["--instance-dir", str(good), "--resume-from-checkpoint", "checkpoint-9"],
+            "checkpoint-9",
+        ),
+        "prior without class": (["--instance-dir", str(good), "--with-prior-preservation"], "--class-prompt"),
+        "unknown flag value": (["--instance-dir", str(good), "--crop", "diagonal"], "crop"),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["missing instance dir", "empty instance dir", "no readable image", "resolution", "rank", "unet target",
+     "text encoder target", "different run", "foreign folder", "missing checkpoint", "prior without class",
+     "unknown flag value"],
+)  # fmt: skip
+def test_bad_input_is_one_line_and_exit_code_2_before_any_model_loads(case, tmp_path, capsys, no_model_loading):
+    arguments, expected = bad_input_cases(tmp_path)[case]
+    base = ["--instance-prompt", PROMPT, "--output-dir", str(tmp_path / "out"), "--base", "tiny-sd"]
+    assert main(base + arguments) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: ") and "\n" not in error
+    assert expected in error
+
+
+def test_unreadable_files_are_skipped_with_a_warning_naming_them(tmp_path, caplog):
+    from studio.data import scan_images
+
+    folder = draw_images(tmp_path / "images", [(64, 64)])
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    records = scan_images(folder, PROMPT)
+    assert [r.path.name for r in records] == ["star-0.png"]
+    assert "broken.jpg" in caplog.text
+
+
+def test_missing_optional_optimizer_package_is_named(tmp_path, capsys, no_model_loading, monkeypatch):
+    monkeypatch.setitem(sys.modules, "prodigyopt", None)  # import fails as if not installed
+    draw_images(tmp_path / "images", [(64, 64)])
+    argv = [
+        "--instance-dir",
+        str(tmp_path / "images"),
+        "--instance-prompt",
+        PROMPT,
+        "--output-dir",
+        str(tmp_path / "o"),
+    ]
+    assert main(argv + ["--optimizer", "prodigy"]) == 2
+    assert "pip install prodigyopt" in capsys.readouterr().err
+
+
+def test_cli_exits_2_with_one_line_on_bad_input(tmp_path):
+    command = [sys.executable, "-m", "studio.train_dreambooth", "--instance-dir", str(tmp_path / "nope"),
+               "--instance-prompt", PROMPT, "--output-dir", str(tmp_path / "out")]  # fmt: skip
+    done = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'nope'}: instance folder not found"
