@@ -8,6 +8,7 @@ with exactly the blend it was asked with, whatever other threads do meanwhile.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
 import threading
@@ -16,10 +17,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+from diffusers.utils import logging as diffusers_logging
 from huggingface_hub import constants as hub_constants
 from huggingface_hub import hf_hub_download, snapshot_download
 from peft.tuners.tuners_utils import BaseTunerLayer
 from PIL import Image
+from transformers.utils import logging as transformers_logging
 
 from studio import lora_io
 from studio.base import BaseModel, load_base
@@ -117,7 +120,8 @@ class Studio:
                 raise StudioError(f"{source}: an adapter named {name!r} is already loaded; delete it or pick another name")
             self._unfuse_exactly()
             try:
-                self.pipeline.load_lora_weights(lora.state_dict, adapter_name=name, low_cpu_mem_usage=True)
+                with _quiet_transformers():
+                    self.pipeline.load_lora_weights(lora.state_dict, adapter_name=name, low_cpu_mem_usage=True)
             except Exception as error:  # diffusers/peft raise many types; none may leave a half adapter behind
                 self._remove_from_pipeline(name)
                 self._applied = None
@@ -328,6 +332,25 @@ class Studio:
             weight["unet"] = {block: unet.get(block, 1.0) for block in UNET_BLOCKS}
         # Spell out the components the dict leaves out at diffusers' default 1.0, so a blend says it all.
         return {component: weight.get(component, 1.0) for component in components}
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """While diffusers injects LoRA layers, transformers prints a "LOAD REPORT" that calls the adapter weights
+    missing (they are loaded right after) and a progress bar, and diffusers warns about each component the
+    file has no weights for; the studio has checked the file already, so users should see none of it."""
+    verbosity, bars = transformers_logging.get_verbosity(), transformers_logging.is_progress_bar_enabled()
+    diffusers_verbosity = diffusers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    diffusers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+        diffusers_logging.set_verbosity(diffusers_verbosity)
+        if bars:
+            transformers_logging.enable_progress_bar()
 
 
 def resolve_lora_source(source: str | Path) -> Path:

@@ -111,7 +111,9 @@ def load_base(
     if not isinstance(pipeline, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
         raise StudioError(f"{name}: is a {type(pipeline).__name__}, not an SD1/SD2/SDXL text-to-image pipeline")
     family = detect_family(pipeline)
-    pipeline.to(device=device, dtype=dtype)
+    pipeline.to(device=device)
+    if pipeline.unet.dtype != dtype:  # casting to the dtype a model already has only earns a warning
+        pipeline.to(dtype=dtype)
     pipeline.set_progress_bar_config(disable=True)
     return BaseModel(pipeline=pipeline, family=family, source=name, device=device, dtype=dtype)
 
