@@ -246,7 +246,8 @@ class Studio:
         active = blend.active()
         if self._adapters:
             if active:
-                self.pipeline.enable_lora()
+                if not (self._applied and self._applied.active()):  # LoRA layers were off
+                    self.pipeline.enable_lora()
                 self.pipeline.set_adapters(list(active), [copy.deepcopy(w) for w in active.values()])
             else:
                 self.pipeline.disable_lora()
