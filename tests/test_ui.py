@@ -1,0 +1,296 @@
+"""The web app end to end through `gradio_client`: each request renders exactly the blend it asked for,
+images carry their settings, uploads are checked, and errors come back as readable messages."""
+
+import hashlib
+import json
+import socket
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+from lora_factories import diffusers_lora, kohya_lora
+from PIL import Image
+
+import app as app_cli
+from studio.a1111 import parse_infotext
+from studio.adapters import Studio
+from studio.base import load_base
+from studio.errors import StudioError
+from studio.paths import DEMO_MODEL_DIR
+from studio.pngmeta import read_png_metadata
+from studio.ui import StudioApp, UIOptions, build_app, launch
+
+BASE = "demo" if (DEMO_MODEL_DIR / "model_index.json").is_file() else "tiny-sd"
+PROMPT = "a red circle"
+STEPS = 2
+SEED = 11
+MAX_UPLOAD_BYTES = 3 * 1024**2
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Served:
+    def __init__(self, app: StudioApp, url: str, root: Path):
+        self.app, self.url, self.root = app, url, root
+        self.client = Client(url, verbose=False)
+
+    def generate(self, client=None, **kwargs):
+        kwargs = {"prompt": PROMPT, "seed": SEED, "steps": STEPS, **kwargs}
+        gallery, summary = (client or self.client).predict(**kwargs, api_name="/generate")
+        return gallery, summary
+
+    def image(self, client=None, **kwargs) -> np.ndarray:
+        gallery, _ = self.generate(client, **kwargs)
+        return np.asarray(Image.open(gallery[0]["image"]).convert("RGB"))
+
+    def direct(self, weights: dict, enabled: bool = True, prompt: str = PROMPT) -> np.ndarray:
+        """The same render straight from `Studio`, bypassing the UI."""
+        blend = self.app.studio.make_blend(weights, enabled=enabled)
+        return np.asarray(self.app.studio.generate(prompt, seed=SEED, steps=STEPS, guidance=7.5, blend=blend)[0])
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ui")
+    studio = Studio.from_base(BASE, device="cpu")
+    lora_dir = root / "loras"
+    lora_dir.mkdir()
+    kohya_lora(studio.pipeline, lora_dir / "stripes.safetensors", studio.family, seed=0,
+               metadata={"studio.trigger_words": json.dumps(["striped"])})  # fmt: skip
+    diffusers_lora(studio.pipeline, lora_dir / "outline.safetensors", studio.family, seed=1)
+    app = StudioApp(
+        studio,
+        UIOptions(lora_dir=lora_dir, out_dir=root / "out", max_upload_bytes=MAX_UPLOAD_BYTES, render_previews=False),
+    )
+    blocks = build_app(app)
+    _, url, _ = launch(blocks, app, port=free_port(), prevent_thread_lock=True)
+    yield Served(app, url, root)
+    blocks.close()
+
+
+@pytest.fixture(scope="module")
+def base_image():
+    """The base model's image from a plain diffusers pipeline that never saw a LoRA."""
+    pipeline = load_base(BASE, device="cpu").pipeline
+    generator = torch.Generator("cpu").manual_seed(SEED)
+    return np.asarray(pipeline(PROMPT, num_inference_steps=STEPS, guidance_scale=7.5, generator=generator).images[0])
+
+
+def test_lora_off_renders_the_base_model_exactly(served, base_image):
+    on = served.image(blend={"stripes": {"on": True, "weight": 1.0}})
+    off = served.image(blend={"stripes": {"on": True, "weight": 1.0}}, lora_off=True)
+    assert np.array_equal(off, base_image)
+    assert not np.array_equal(on, base_image)
+
+
+def test_generate_renders_exactly_the_blend_of_the_request(served):
+    spec = {"stripes": {"on": True, "weight": 0.8}, "outline": {"on": True, "weight": -0.5}}
+    assert np.array_equal(served.image(blend=spec), served.direct({"stripes": 0.8, "outline": -0.5}))
+
+
+def test_switched_off_adapter_does_not_contribute(served):
+    spec = {"stripes": {"on": True, "weight": 0.8}, "outline": {"on": False, "weight": 1.5}}
+    assert np.array_equal(served.image(blend=spec), served.direct({"stripes": 0.8}))
+
+
+def test_weight_change_changes_the_image(served):
+    low = served.image(blend={"stripes": {"on": True, "weight": 0.3}})
+    high = served.image(blend={"stripes": {"on": True, "weight": 1.2}})
+    assert not np.array_equal(low, high)
+    assert np.array_equal(high, served.direct({"stripes": 1.2}))
+
+
+def test_per_part_weights_multiply_the_weight(served):
+    spec = {"stripes": {"on": True, "weight": 0.8, "text_encoder": 0.0, "down": 0.5, "up": 2.0}}
+    expected = served.direct({"stripes": {"unet": {"down": 0.4, "mid": 0.8, "up": 1.6}, "text_encoder": 0.0}})
+    assert np.array_equal(served.image(blend=spec), expected)
+
+
+def test_lora_tag_in_the_prompt_works_like_the_switch(served):
+    tagged = served.image(prompt=f"{PROMPT} <lora:outline:0.7>", blend={})
+    assert np.array_equal(tagged, served.direct({"outline": 0.7}))
+
+
+def test_unknown_lora_tag_is_a_readable_error(served):
+    with pytest.raises(AppError, match="no LoRA 'nope' is loaded"):
+        served.generate(prompt=f"{PROMPT} <lora:nope:1>")
+
+
+def test_image_file_carries_its_settings(served):
+    gallery, summary = served.generate(blend={"stripes": {"on": True, "weight": 0.8}})
+    parameters, record = read_png_metadata(Path(gallery[0]["image"]))
+    assert parameters.splitlines()[0] == f"{PROMPT} <lora:stripes:0.8>"
+    params = parse_infotext(parameters)
+    assert (params["Seed"], params["Steps"]) == (str(SEED), str(STEPS))
+    data = (served.app.library.folder / "stripes.safetensors").read_bytes()
+    header_length = int.from_bytes(data[:8], "little")
+    assert params["Lora hashes"] == f"stripes: {hashlib.sha256(data[8 + header_length :]).hexdigest()[:12]}"  # A1111's
+    assert record["seed"] == SEED and record["prompt"] == PROMPT
+    assert [(a["name"], a["weight"]) for a in record["adapters"]] == [("stripes", 0.8)]
+    assert "`stripes` 0.8" in summary
+    saved = sorted((served.root / "out" / "images").rglob(Path(gallery[0]["image"]).name))
+    assert saved, "the image is kept in the output folder"
+
+
+def test_random_seed_is_reported_and_reproducible(served):
+    gallery, _ = served.generate(seed=-1, blend={})
+    seed = int(gallery[0]["caption"].removeprefix("seed "))
+    again, _ = served.generate(seed=seed, blend={})
+    first, second = (np.asarray(Image.open(g[0]["image"])) for g in (gallery, again))
+    assert np.array_equal(first, second)
+
+
+def test_compare_returns_base_each_adapter_and_blend(served, base_image):
+    spec = {"stripes": {"on": True, "weight": 0.8}, "outline": {"on": True, "weight": 0.6}}
+    gallery, _ = served.client.predict(prompt=PROMPT, seed=SEED, steps=STEPS, blend=spec, api_name="/compare")
+    assert [item["caption"] for item in gallery] == [
+        "base model | outline 0.6 | stripes 0.8 | blend",
+        f"base model · seed {SEED}",
+        f"outline 0.6 · seed {SEED}",
+        f"stripes 0.8 · seed {SEED}",
+        f"blend · seed {SEED}",
+    ]
+    cells = [np.asarray(Image.open(item["image"]).convert("RGB")) for item in gallery[1:]]
+    assert np.array_equal(cells[0], base_image)
+    assert np.array_equal(cells[1], served.direct({"outline": 0.6}))
+    assert np.array_equal(cells[2], served.direct({"stripes": 0.8}))
+    assert np.array_equal(cells[3], served.direct({"stripes": 0.8, "outline": 0.6}))
+    grid = Image.open(gallery[0]["image"])
+    assert grid.width >= 4 * base_image.shape[1] and grid.height > base_image.shape[0]
+
+
+def test_compare_without_an_active_adapter_is_refused(served):
+    with pytest.raises(AppError, match="Compare needs at least one LoRA"):
+        served.client.predict(prompt=PROMPT, seed=SEED, steps=STEPS, blend={}, api_name="/compare")
+
+
+def test_two_clients_with_different_blends_each_get_their_solo_image(served):
+    blends = {"a": {"stripes": {"on": True, "weight": 1.0}}, "b": {"outline": {"on": True, "weight": 1.2}}}
+    solo = {"a": served.direct({"stripes": 1.0}), "b": served.direct({"outline": 1.2})}
+    clients = {label: Client(served.url, verbose=False) for label in blends}
+    jobs = [
+        (label, clients[label].submit(prompt=PROMPT, seed=SEED, steps=STEPS, blend=blends[label], api_name="/generate"))
+        for _ in range(3)
+        for label in blends
+    ]
+    for label, job in jobs:
+        gallery, _ = job.result(timeout=120)
+        assert np.array_equal(np.asarray(Image.open(gallery[0]["image"]).convert("RGB")), solo[label]), label
+
+
+def test_upload_then_inspect_then_generate_with_it(served, tmp_path):
+    path = tmp_path / "My Upload (v2).safetensors"
+    kohya_lora(served.app.studio.pipeline, path, served.app.studio.family, seed=5, text_encoders=False)
+    message, *_ = served.client.predict(handle_file(str(path)), "", False, api_name="/upload")
+    assert "My_Upload_v2" in message
+    assert (served.app.library.folder / "My_Upload_v2.safetensors").read_bytes() == path.read_bytes()
+    text, report = served.client.predict("My_Upload_v2", api_name="/inspect")
+    assert report["format"] == "kohya" and report["components"] == {"unet": report["num_modules"]}
+    assert report["ranks"] == [2, 3, 4] and "sha256" in text
+    image = served.image(blend={"My_Upload_v2": {"on": True, "weight": 1.0}})
+    assert np.array_equal(image, served.direct({"My_Upload_v2": 1.0}))
+
+
+def test_upload_refuses_a_file_that_is_not_safetensors(served, tmp_path):
+    path = tmp_path / "evil.ckpt"
+    path.write_bytes(b"\x80\x04 pickle bytes")
+    with pytest.raises(AppError, match="safetensors"):
+        served.client.predict(handle_file(str(path)), "", False, api_name="/upload")
+    assert not list(served.app.library.folder.glob("evil*"))
+
+
+def test_upload_refuses_an_oversized_file(served, tmp_path):
+    path = tmp_path / "huge.safetensors"
+    path.write_bytes(b"\0" * (MAX_UPLOAD_BYTES + 1))
+    with path.open("rb") as file:  # past the client's own check: the server refuses it too
+        response = httpx.post(f"{served.url}gradio_api/upload", files={"files": (path.name, file)})
+    assert response.status_code == 413
+    with pytest.raises(StudioError, match="over the 3 MB upload limit"):  # and the handler, whatever reaches it
+        served.app.upload(str(path), "", False)
+    assert not list(served.app.library.folder.glob("huge*"))
+
+
+def test_upload_refuses_a_name_that_leaves_the_lora_folder(served, tmp_path):
+    path = tmp_path / "fine.safetensors"
+    diffusers_lora(served.app.studio.pipeline, path, served.app.studio.family, seed=6)
+    with pytest.raises(AppError, match="not a usable LoRA name"):
+        served.client.predict(handle_file(str(path)), "../escaped", False, api_name="/upload")
+    assert not (served.app.library.folder.parent / "escaped.safetensors").exists()
+    assert not list(served.app.library.folder.glob("*escaped*"))
+
+
+def test_upload_does_not_replace_without_being_asked(served, tmp_path):
+    path = tmp_path / "stripes.safetensors"
+    diffusers_lora(served.app.studio.pipeline, path, served.app.studio.family, seed=7)
+    before = (served.app.library.folder / "stripes.safetensors").read_bytes()
+    with pytest.raises(AppError, match="already exists"):
+        served.client.predict(handle_file(str(path)), "", False, api_name="/upload")
+    assert (served.app.library.folder / "stripes.safetensors").read_bytes() == before
+
+
+def test_rename_and_delete(served, tmp_path):
+    path = tmp_path / "temporary.safetensors"
+    diffusers_lora(served.app.studio.pipeline, path, served.app.studio.family, seed=8)
+    served.client.predict(handle_file(str(path)), "", False, api_name="/upload")
+    with pytest.raises(AppError, match="not a usable LoRA name"):
+        served.client.predict("temporary", "../../outside", api_name="/rename")
+    served.client.predict("temporary", "renamed", api_name="/rename")
+    folder = served.app.library.folder
+    assert (folder / "renamed.safetensors").is_file() and not (folder / "temporary.safetensors").exists()
+    assert "renamed" in {info.name for info in served.app.studio.list_adapters()}
+    with pytest.raises(AppError, match="tick"):
+        served.client.predict("renamed", False, api_name="/delete")
+    served.client.predict("renamed", True, api_name="/delete")
+    assert not (folder / "renamed.safetensors").exists()
+    assert "renamed" not in {info.name for info in served.app.studio.list_adapters()}
+
+
+def test_a_lora_for_another_family_is_listed_with_the_reason_not_loaded(tmp_path):
+    sdxl = Studio.from_base("tiny-sdxl")
+    lora_dir = tmp_path / "loras"
+    lora_dir.mkdir()
+    kohya_lora(sdxl.pipeline, lora_dir / "xl.safetensors", "sdxl", seed=0)
+    app = StudioApp(
+        Studio.from_base("tiny-sd"), UIOptions(lora_dir=lora_dir, out_dir=tmp_path / "out", render_previews=False)
+    )
+    [row] = app.library_table()
+    assert row[0] == "xl" and row[1].startswith("not loaded:") and "sdxl" in row[1] and "sd1" in row[1]
+    assert app.studio.list_adapters() == []
+
+
+def test_app_reports_a_bad_base_in_one_line_and_exits_2(tmp_path, capsys):
+    assert (
+        app_cli.main(
+            ["--base", str(tmp_path / "missing"), "--lora-dir", str(tmp_path / "l"), "--out-dir", str(tmp_path / "o")]
+        )
+        == 2
+    )
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and "missing" in error and error.count("\n") == 1
+
+
+def test_app_refuses_a_malformed_auth(tmp_path, capsys):
+    assert app_cli.main(["--base", "tiny-sd", "--auth", "nopassword", "--lora-dir", str(tmp_path / "l")]) == 2
+    assert "USER:PASSWORD" in capsys.readouterr().err
+
+
+def test_merge_cat_adds_a_lora_that_renders_like_the_blend(served):
+    pytest.importorskip("studio.merge", reason="studio.merge is not part of this checkout yet")
+    message, previews, *_ = served.client.predict(
+        names=["stripes", "outline"], weights={"stripes": 0.8, "outline": 0.6}, method="cat", density=0.5, rank=0,
+        name="merged", replace=False, preview_prompt=PROMPT, api_name="/merge",
+    )  # fmt: skip
+    assert "**merged**" in message
+    assert [item["caption"] for item in previews] == ["base model", "inputs blended", "merged (cat)"]
+    assert (served.app.library.folder / "merged.safetensors").is_file()
+    merged = served.image(blend={"merged": {"on": True, "weight": 1.0}})
+    blended = served.direct({"stripes": 0.8, "outline": 0.6})
+    assert np.abs(merged.astype(int) - blended.astype(int)).max() <= 3  # cat is exact up to float summation order
