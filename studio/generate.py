@@ -24,6 +24,7 @@ import json
 import re
 import sys
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -263,7 +264,7 @@ def execute(plan: Plan, overwrite: bool = False) -> list[Path]:
     if plan.scheduler and plan.scheduler != scheduler:
         raise StudioError(f"{plan.base}: its scheduler is {scheduler}, but the image was rendered with {plan.scheduler}")
     files = _load_adapters(studio, plan.adapters)
-    renders = [_prepare(studio, plan, image, files, scheduler) for image in plan.images]
+    renders = [_prepare(studio, plan, image, files) for image in plan.images]
     todo = [render for render in renders if _needs_rendering(render, overwrite)]
     if state.is_main_process:
         print(f"studio.generate: {len(renders)} images, {len(renders) - len(todo)} already written, "
@@ -318,7 +319,7 @@ def _load_adapters(studio: Studio, adapters: list[AdapterSource]) -> dict[str, d
     return files
 
 
-def _prepare(studio: Studio, plan: Plan, image: PlannedImage, files: dict, scheduler: str) -> _Render:
+def _prepare(studio: Studio, plan: Plan, image: PlannedImage, files: dict) -> _Render:
     """The exact blend for `image` (validated by the studio) and the record and infotext its PNG will carry."""
     weights = {
         name: weight.weight_for(files[name]["components"]) if isinstance(weight, LoraTag) else weight
@@ -328,41 +329,63 @@ def _prepare(studio: Studio, plan: Plan, image: PlannedImage, files: dict, sched
         blend = studio.make_blend(weights, fused=image.fuse)
     except StudioError as error:
         raise StudioError(f"{image.where}: {error}") from None
-    active = blend.active()
-    default_width, default_height = _default_size(studio.pipeline)
+    default_width, default_height = default_size(studio.pipeline)
+    parameters, record = image_metadata(
+        studio, plan.base, image.prompt, image.negative_prompt, image.seed, image.steps, image.guidance,
+        image.width or default_width, image.height or default_height, blend.active(), files, fused=blend.fused,
+    )
+    return _Render(image=image, blend=blend, record=record, parameters=parameters)
+
+
+def image_metadata(
+    studio: Studio,
+    base: str,
+    prompt: str,
+    negative_prompt: str,
+    seed: int,
+    steps: int,
+    guidance: float,
+    width: int,
+    height: int,
+    active: Mapping[str, Weight],
+    files: Mapping[str, Mapping[str, str]],
+    fused: bool = False,
+) -> tuple[str, dict]:
+    """A1111's `parameters` text (so A1111/civitai read the settings) and the exact record `--from-image`
+    re-renders from, for one image. `files` gives each active adapter's "source" path and lora_io hashes."""
+    scheduler = type(studio.pipeline.scheduler).__name__
     record = {
         "format": RECORD_FORMAT,
-        "base": _base_source(plan.base),
+        "base": base_source(base),
         "family": studio.family,
         "scheduler": scheduler,
         "device": studio.base.device.type,
         "dtype": str(studio.base.dtype).removeprefix("torch."),
-        "prompt": image.prompt,
-        "negative_prompt": image.negative_prompt,
-        "seed": image.seed,
-        "steps": image.steps,
-        "guidance": image.guidance,
-        "width": image.width or default_width,
-        "height": image.height or default_height,
-        "fused": bool(blend.fused and active),
+        "prompt": prompt,
+        "negative_prompt": negative_prompt,
+        "seed": seed,
+        "steps": steps,
+        "guidance": guidance,
+        "width": width,
+        "height": height,
+        "fused": bool(fused and active),
         "adapters": [
             {"name": name, "weight": weight, "source": files[name]["source"], "sha256": files[name]["sha256"]}
             for name, weight in active.items()
         ],
     }
-    tags = [tag for name, weight in active.items() if (tag := format_lora_tag(name, weight))]
     params = {
-        "Steps": image.steps,
+        "Steps": steps,
         "Sampler": scheduler,
-        "CFG scale": image.guidance,
-        "Seed": image.seed,
-        "Size": f"{record['width']}x{record['height']}",
-        "Model": Path(plan.base).name.removesuffix(".safetensors"),
+        "CFG scale": guidance,
+        "Seed": seed,
+        "Size": f"{width}x{height}",
+        "Model": Path(base).name.removesuffix(".safetensors"),
     }
     if active:
         params["Lora hashes"] = ", ".join(f"{name}: {files[name]['a1111_hash']}" for name in active)
-    parameters = format_infotext(" ".join([image.prompt, *tags]), image.negative_prompt, params)
-    return _Render(image=image, blend=blend, record=record, parameters=parameters)
+    tags = [tag for name, weight in active.items() if (tag := format_lora_tag(name, weight))]
+    return format_infotext(" ".join([prompt, *tags]), negative_prompt, params), record
 
 
 def _batches(todo: list[_Render], batch_size: int) -> list[_Batch]:
@@ -428,14 +451,14 @@ def _blend_key(blend: Blend) -> str:
     return json.dumps([blend.fused, list(blend.active().items())], sort_keys=True)
 
 
-def _default_size(pipeline) -> tuple[int, int]:
+def default_size(pipeline) -> tuple[int, int]:
     """The size the pipeline renders when none is given: the UNet's sample size in pixels."""
     size = pipeline.unet.config.sample_size
     height, width = (size, size) if isinstance(size, int) else size
     return width * pipeline.vae_scale_factor, height * pipeline.vae_scale_factor
 
 
-def _base_source(base: str) -> str:
+def base_source(base: str) -> str:
     """Local bases recorded by absolute path so a re-render finds them from any folder; names stay names."""
     path = Path(base)
     return str(path.resolve()) if base not in NAMED_BASES and path.exists() else base

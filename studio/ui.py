@@ -27,10 +27,10 @@ import gradio as gr
 from PIL import Image
 
 from studio import lora_io
-from studio.a1111 import format_infotext, format_lora_tag, format_number, split_lora_tags
+from studio.a1111 import format_number, split_lora_tags
 from studio.adapters import UNET_BLOCKS, AdapterInfo, Blend, Studio, Weight
 from studio.errors import StudioError
-from studio.generate import RECORD_FORMAT
+from studio.generate import base_source, default_size, image_metadata
 from studio.grid import labelled_grid
 from studio.library import DEFAULT_MAX_UPLOAD_BYTES, SUFFIX, LibraryEntry, LoraLibrary, check_name, safe_name
 from studio.pngmeta import save_png
@@ -84,7 +84,7 @@ class StudioApp:
         self.library = LoraLibrary(studio, options.lora_dir, self.out_dir / "previews", options.max_upload_bytes)
         self.library.scan()
         self.training = TrainingJob(on_finished=self._add_trained_lora)
-        self.default_width, self.default_height = _default_size(studio.pipeline)
+        self.default_width, self.default_height = default_size(studio.pipeline)
         self._image_lock = threading.Lock()  # numbering of saved images
         self._hashes: dict[tuple[Path, float, int], dict[str, str]] = {}
 
@@ -222,42 +222,11 @@ class StudioApp:
         return path
 
     def _metadata(self, text: str, settings: dict, active: dict[str, Weight]) -> tuple[str, dict]:
-        """A1111's `parameters` text and `studio.generate`'s record for one image, so A1111/civitai read its
-        settings and `python -m studio.generate --from-image` re-renders it."""
-        pipeline = self.studio.pipeline
-        files = {name: self._file_facts(name) for name in active}
-        record = {
-            "format": RECORD_FORMAT,
-            "base": _base_source(self.studio.base.source),
-            "family": self.studio.family,
-            "scheduler": type(pipeline.scheduler).__name__,
-            "device": self.studio.base.device.type,
-            "dtype": str(self.studio.base.dtype).removeprefix("torch."),
-            "prompt": text,
-            "negative_prompt": settings["negative_prompt"] or "",
-            "seed": settings["seed"],
-            "steps": settings["steps"],
-            "guidance": settings["guidance"],
-            "width": settings["width"],
-            "height": settings["height"],
-            "fused": False,
-            "adapters": [
-                {"name": name, "weight": weight, "source": files[name]["source"], "sha256": files[name]["sha256"]}
-                for name, weight in active.items()
-            ],
-        }
-        params = {
-            "Steps": settings["steps"],
-            "Sampler": record["scheduler"],
-            "CFG scale": settings["guidance"],
-            "Seed": settings["seed"],
-            "Size": f"{settings['width']}x{settings['height']}",
-            "Model": Path(self.studio.base.source).name.removesuffix(".safetensors"),
-        }
-        if active:
-            params["Lora hashes"] = ", ".join(f"{name}: {files[name]['a1111_hash']}" for name in active)
-        tags = [tag for name, weight in active.items() if (tag := format_lora_tag(name, weight))]
-        return format_infotext(" ".join([text, *tags]), record["negative_prompt"], params), record
+        return image_metadata(
+            self.studio, self.studio.base.source, text, settings["negative_prompt"] or "", settings["seed"],
+            settings["steps"], settings["guidance"], settings["width"], settings["height"], active,
+            {name: self._file_facts(name) for name in active},
+        )
 
     def _file_facts(self, name: str) -> dict[str, str]:
         """The adapter file's path and hashes, hashed once per file version."""
@@ -367,7 +336,7 @@ class StudioApp:
         run = self.out_dir / "train" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
         images = run / "instance-images" if uploads else self._dataset_folder(dataset)
         output = run / "output"
-        args = ["--base", _base_source(self.studio.base.source), "--instance-dir", str(images),
+        args = ["--base", base_source(self.studio.base.source), "--instance-dir", str(images),
                 "--output-dir", str(output), "--report-to", "none"]  # fmt: skip
         if self.studio.base.device.type != "cpu":
             args += ["--mixed-precision", "fp16"]
@@ -1023,18 +992,6 @@ def _seed(seed: float | None) -> int:
     if seed > MAX_SEED:
         raise StudioError(f"seed {seed} is too large (at most {MAX_SEED})")
     return random.randint(0, MAX_SEED) if seed < 0 else seed
-
-
-def _default_size(pipeline) -> tuple[int, int]:
-    """The size the pipeline renders when none is given: the UNet's sample size in pixels."""
-    size = pipeline.unet.config.sample_size
-    height, width = (size, size) if isinstance(size, int) else size
-    return width * pipeline.vae_scale_factor, height * pipeline.vae_scale_factor
-
-
-def _base_source(source: str) -> str:
-    path = Path(source)
-    return str(path.resolve()) if path.exists() else source
 
 
 def _first_line(error: BaseException) -> str:

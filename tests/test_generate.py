@@ -12,6 +12,7 @@ import pytest
 import torch
 from lora_factories import diffusers_lora
 from PIL import Image
+from ports import free_port
 
 from studio.a1111 import LoraTag, format_infotext, format_lora_tag, parse_infotext, parse_lora_hashes, split_lora_tags
 from studio.adapters import Studio
@@ -241,7 +242,7 @@ prompt = "a red circle"
 loras = {{ a = 0.8 }}
 sweep = {{ x = {{ kind = "adapters", values = ["a", "b"] }}, y = {{ kind = "seed", values = [1, 2] }} }}
 """)
-    command = ["torchrun", "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 1000),
+    command = ["torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()),
                "-m", "studio.generate", "--recipe", str(recipe_file), "--out", str(tmp_path / "out")]  # fmt: skip
     pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "PYTHONPATH": pythonpath, "OMP_NUM_THREADS": "1"}

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler
+from ports import free_port
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -309,7 +310,7 @@ def test_two_process_torchrun_completes_and_writes_one_output(tmp_path):
     draw_images(tmp_path / "images", [(64, 64), (64, 64)])
     out = tmp_path / "out"
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
         "-m", "studio.train_dreambooth", "--base", "tiny-sd", "--instance-dir", str(tmp_path / "images"),
         "--instance_prompt", PROMPT, "--output-dir", str(out), "--max-train-steps", "2", "--checkpointing-steps", "1",
         "--report-to", "none",

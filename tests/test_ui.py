@@ -3,7 +3,6 @@ images carry their settings, uploads are checked, and errors come back as readab
 
 import hashlib
 import json
-import socket
 from pathlib import Path
 
 import httpx
@@ -14,6 +13,7 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from lora_factories import diffusers_lora, kohya_lora
 from PIL import Image
+from ports import free_port
 
 import app as app_cli
 from studio.a1111 import parse_infotext
@@ -29,12 +29,6 @@ PROMPT = "a red circle"
 STEPS = 2
 SEED = 11
 MAX_UPLOAD_BYTES = 3 * 1024**2
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class Served:

@@ -4,7 +4,6 @@ Screenshots are saved under the test's temporary folder (and in $UI_SCREENSHOT_D
 
 import os
 import shutil
-import socket
 import subprocess
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 from lora_factories import diffusers_lora, kohya_lora
 from PIL import Image
+from ports import free_port
 
 from studio.adapters import Studio
 from studio.paths import DEMO_MODEL_DIR
@@ -23,12 +23,6 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
                  "--disable-component-update", "--disable-sync", "--no-first-run"]  # fmt: skip
 TIMEOUT_MS = 120_000
 STEPS = 4
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def install_chromium() -> str | None:

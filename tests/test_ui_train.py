@@ -1,13 +1,13 @@
 """The Train tab through `gradio_client`: the trainer runs in its own process, reports progress and
 validation images, refuses a second start, can be cancelled, and its LoRA lands in the library."""
 
-import socket
 
 import numpy as np
 import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
+from ports import free_port
 
 from studio.adapters import Studio
 from studio.demo_world import draw_shape
@@ -16,12 +16,6 @@ from studio.ui import StudioApp, UIOptions, build_app, launch
 
 BASE = "demo" if (DEMO_MODEL_DIR / "model_index.json").is_file() else "tiny-sd"
 TRAIN_SECONDS = 600
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
