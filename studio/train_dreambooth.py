@@ -34,8 +34,9 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLP
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params, compute_snr, free_memory, offload_models
 from diffusers.utils import make_image_grid
-from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from peft.optimizers import create_loraplus_optimizer
+from peft.tuners.tuners_utils import BaseTunerLayer
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -456,12 +457,21 @@ def lora_config(config: TrainConfig, targets: list[str]) -> LoraConfig:
 
 
 def add_lora(module: torch.nn.Module, name: str, config: LoraConfig) -> None:
+    """Inject the LoRA layers with peft itself, as diffusers' and transformers' `add_adapter` do inside: the
+    transformers wrapper refuses to run unless peft is at least the version it was released with."""
     try:
-        module.add_adapter(config)
+        inject_adapter_in_model(config, module)
     except ValueError as error:  # peft: none of the target modules exists in this model
         raise StudioError(
             f"{name}: cannot add LoRA on {sorted(config.target_modules)}: {str(error).splitlines()[0]}"
         ) from None
+
+
+def set_lora_enabled(modules, enabled: bool) -> None:
+    for module in modules:
+        for layer in module.modules():
+            if isinstance(layer, BaseTunerLayer):
+                layer.enable_adapters(enabled)
 
 
 def adapter_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -727,13 +737,11 @@ def save_validation(config: TrainConfig, accelerator: Accelerator, images: list[
 def save_comparison_grid(config: TrainConfig, pipeline, accelerator, trained, vae, text_encoders) -> Path:
     """Top row the base model, bottom row with the LoRA: same prompt, same seeds."""
     with_lora = validation_images(config, pipeline, accelerator, trained, vae, text_encoders)
-    for module in trained.values():
-        module.disable_adapters()
+    set_lora_enabled(trained.values(), False)
     try:
         without = validation_images(config, pipeline, accelerator, trained, vae, text_encoders)
     finally:
-        for module in trained.values():
-            module.enable_adapters()
+        set_lora_enabled(trained.values(), True)
     grid = make_image_grid(without + with_lora, rows=2, cols=len(with_lora))
     path = config.output_dir / "validation_grid.png"
     save_image_atomic(grid, path)
