@@ -2,6 +2,9 @@
 
     python -m studio.lora inspect FILE [--json] [--allow-pickle]
     python -m studio.lora convert IN OUT --to diffusers|kohya [--allow-pickle]
+    python -m studio.lora merge A B [...] [--weights WA WB ...] [--method cat|linear|svd|ties|dare_linear|dare_ties|
+        magnitude_prune] [--density D] [--rank R] [--clamp Q] [--majority-sign total|frequency] [--seed N]
+        [--to diffusers|kohya] [--allow-pickle] -o OUT.safetensors
     python -m studio.lora fuse-export --base BASE --lora FILE[:WEIGHT] ... --out OUT(.safetensors|folder) [--dtype fp16]
 
 Each subcommand is registered by an `add_*_command(subcommands)` function that sets `run`, so more
@@ -16,7 +19,8 @@ import sys
 from collections.abc import Sequence
 
 from studio.errors import StudioError
-from studio.lora_io import NAMINGS, LoraReport, inspect, read_lora, write_lora
+from studio.lora_io import NAMINGS, LoraReport, inspect, open_lora, read_lora, write_lora
+from studio.merge import MAJORITY_SIGN_METHODS, MERGE_METHODS, merge_loras
 
 METADATA_VALUE_WIDTH = 100
 
@@ -51,6 +55,44 @@ def run_convert(args: argparse.Namespace) -> int:
     metadata = {**lora.metadata, "studio.converted_from": f"{lora.format} ({lora.naming} naming)"}
     path = write_lora(args.output, lora.state_dict, metadata, naming=args.to, family=lora.family)
     print(f"wrote {path} ({args.to} naming, {lora.family}, {len(lora.modules)} modules, from {lora.format})")
+    return 0
+
+
+def add_merge_command(subcommands: argparse._SubParsersAction) -> None:
+    parser = subcommands.add_parser(
+        "merge", help="merge LoRA files with weights into one new LoRA file (cat is exact; see studio.merge)"
+    )
+    parser.add_argument("inputs", nargs="+", metavar="LORA", help="the LoRA files to merge (any readable format)")
+    parser.add_argument("--weights", nargs="+", type=float, metavar="W", help="one weight per file (default 1 each)")
+    parser.add_argument("--method", default="cat", choices=MERGE_METHODS, help="how to merge (default: cat, exact)")
+    parser.add_argument("--density", type=float, help="ties, dare_*, magnitude_prune: fraction of entries kept, (0, 1]")
+    parser.add_argument("--rank", type=int, help="svd: the merged rank (default: the largest input rank)")
+    parser.add_argument("--clamp", type=float, help="svd: clamp the factors at this quantile of their entries (0, 1]")
+    parser.add_argument("--majority-sign", default="total", choices=MAJORITY_SIGN_METHODS, help="ties, dare_ties")
+    parser.add_argument("--seed", type=int, default=0, help="dare_*: seed of the random pruning")
+    parser.add_argument("--to", default="diffusers", choices=NAMINGS, help="naming of the merged file")
+    parser.add_argument("--allow-pickle", action="store_true", help="read pickle inputs (weights-only unpickler)")
+    parser.add_argument("-o", "--output", required=True, help="the .safetensors file to write (replaced atomically)")
+    parser.set_defaults(run=run_merge)
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    path = merge_loras(
+        args.inputs,
+        args.weights or [1.0] * len(args.inputs),
+        args.output,
+        args.method,
+        density=args.density,
+        rank=args.rank,
+        clamp=args.clamp,
+        majority_sign_method=args.majority_sign,
+        naming=args.to,
+        seed=args.seed,
+        allow_pickle=args.allow_pickle,
+    )
+    with open_lora(path) as merged:
+        modules, ranks = len(merged.modules), ", ".join(map(str, sorted({m.rank for m in merged.modules})))
+    print(f"merged {len(args.inputs)} LoRAs with {args.method}: {modules} modules, rank {ranks}; wrote {path}")
     return 0
 
 
@@ -133,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     subcommands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_inspect_command(subcommands)
     add_convert_command(subcommands)
+    add_merge_command(subcommands)
     add_fuse_export_command(subcommands)
     return parser
 

@@ -6,6 +6,9 @@ Reading ends in one `LoraFile` whose `state_dict` is ready for
     unet.<module>.lora_A.weight, unet.<module>.lora_B.weight   (+ .lora_magnitude_vector.weight for DoRA)
     text_encoder.<module>..., text_encoder_2.<module>...       (paths in the INSTALLED transformers layout)
 
+`open_lora` gives the same one module at a time (header read and checked first, then each module's
+factors loaded on request), for code that must not hold a whole file in memory (merging).
+
 Each module's scale (kohya `alpha / rank`, LyCORIS rules, diffusers adapter metadata) is baked into its
 factors, split as sqrt(|scale|) into both so half-precision factors do not underflow, hence
 delta_W = lora_B @ lora_A (convolutions: the 1x1 `lora_B` after the `lora_A` convolution) and diffusers
@@ -189,6 +192,29 @@ class LoraFile:
 
 
 @dataclass
+class LoraReader:
+    """An open LoRA file (see `open_lora`): what its header says, and its modules' tensors on request."""
+
+    path: Path
+    format: str
+    naming: str
+    family: str
+    metadata: dict[str, str]
+    modules: list[LoraModule]
+    unmapped_keys: list[str]
+    _tensors: _Tensors = field(repr=False)
+
+    def factors(self, module: LoraModule) -> tuple[torch.Tensor, torch.Tensor]:
+        """(lora_A, lora_B) of one of `modules`, scale baked in, in peft's shapes (conv: A 4-D, B 1x1)."""
+        return _module_factors(module, self._tensors)
+
+    def magnitude(self, module: LoraModule) -> torch.Tensor:
+        """A DoRA module's magnitudes in peft's shape: (out,), for a convolution (1, out, 1, 1)."""
+        magnitude = _load_checked(self._tensors, module.keys["magnitude"], module)
+        return magnitude.reshape((1, -1, 1, 1) if module.kernel else (-1,))
+
+
+@dataclass
 class LoraReport:
     """Everything `python -m studio.lora inspect` shows, read from the header where possible."""
 
@@ -243,7 +269,9 @@ def _open_tensors(path: Path, allow_pickle: bool) -> Iterator[_Tensors]:
         yield _open_pickle(path, allow_pickle)
         return
     try:
-        handle = safe_open(str(path), framework="pt", device="cpu")
+        # pread, not the default mmap: the pages of a memory-mapped file stay in the resident set while
+        # it is open, so reading module by module (merging) would still look like loading the whole file.
+        handle = safe_open(str(path), framework="pt", device="cpu", backend="pread")
     except SafetensorError as error:
         raise StudioError(f"{path}: {_explain_safetensors_error(path, error)}") from None
     with handle as f:
@@ -855,32 +883,44 @@ def _conv_shaped(down: torch.Tensor, up: torch.Tensor, module: LoraModule) -> tu
 # Public API
 
 
-def read_lora(path: str | os.PathLike, allow_pickle: bool = False) -> LoraFile:
-    """Read a LoRA file of any supported format into diffusers/peft naming, scales baked in."""
+@contextmanager
+def open_lora(path: str | os.PathLike, allow_pickle: bool = False) -> Iterator[LoraReader]:
+    """Open a LoRA file of any supported format: its header is read and checked now, its tensors are
+    loaded one module at a time by `LoraReader.factors` while the file stays open."""
     path = Path(path)
     with _open_tensors(path, allow_pickle) as tensors:
         layout = _read_layout(tensors)
-        state_dict: dict[str, torch.Tensor] = {}
-        for module in layout.modules:
-            prefix = f"{module.component}.{module.module}"
-            down, up = _module_factors(module, tensors)
-            state_dict[f"{prefix}.lora_A.weight"] = down
-            state_dict[f"{prefix}.lora_B.weight"] = up
-            if module.dora:
-                # "...lora_magnitude_vector.weight": transformers' text-encoder loader ignores the bare name.
-                # peft keeps a convolution's magnitudes as (1, out, 1, 1).
-                magnitude = _load_checked(tensors, module.keys["magnitude"], module)
-                shape = (1, -1, 1, 1) if module.kernel else (-1,)
-                state_dict[f"{prefix}.lora_magnitude_vector.weight"] = magnitude.reshape(shape)
-        return LoraFile(
+        yield LoraReader(
             path=path,
             format=layout.format,
             naming=layout.naming,
             family=layout.family,
-            state_dict=state_dict,
             metadata=tensors.metadata,
             modules=layout.modules,
             unmapped_keys=layout.unmapped_keys,
+            _tensors=tensors,
+        )
+
+
+def read_lora(path: str | os.PathLike, allow_pickle: bool = False) -> LoraFile:
+    """Read a LoRA file of any supported format into diffusers/peft naming, scales baked in."""
+    with open_lora(path, allow_pickle) as lora:
+        state_dict: dict[str, torch.Tensor] = {}
+        for module in lora.modules:
+            prefix = f"{module.component}.{module.module}"
+            state_dict[f"{prefix}.lora_A.weight"], state_dict[f"{prefix}.lora_B.weight"] = lora.factors(module)
+            if module.dora:
+                # "...lora_magnitude_vector.weight": transformers' text-encoder loader ignores the bare name.
+                state_dict[f"{prefix}.lora_magnitude_vector.weight"] = lora.magnitude(module)
+        return LoraFile(
+            path=lora.path,
+            format=lora.format,
+            naming=lora.naming,
+            family=lora.family,
+            state_dict=state_dict,
+            metadata=lora.metadata,
+            modules=lora.modules,
+            unmapped_keys=lora.unmapped_keys,
         )
 
 
