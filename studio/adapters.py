@@ -12,11 +12,12 @@ import contextlib
 import copy
 import re
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+from diffusers import DiffusionPipeline
 from diffusers.utils import logging as diffusers_logging
 from huggingface_hub import constants as hub_constants
 from huggingface_hub import hf_hub_download, snapshot_download
@@ -222,9 +223,8 @@ class Studio:
         _check_size(width, height)
         generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(num_images)]
         options = {} if guidance is None else {"guidance_scale": guidance}
-        with self._lock:
-            self._apply(blend)
-            result = self.pipeline(
+        with self.computing(blend) as pipeline:
+            result = pipeline(
                 prompt,
                 negative_prompt=negative_prompt,
                 num_inference_steps=steps,
@@ -235,6 +235,14 @@ class Studio:
                 **options,
             )
         return result.images
+
+    @contextlib.contextmanager
+    def computing(self, blend: Blend | None = None) -> Iterator[DiffusionPipeline]:
+        """The pipeline, computing `blend` (default: the studio's) until the block ends; other threads wait.
+        For work that must see one blend throughout: a render, an export of the fused weights."""
+        with self._lock:
+            self._apply(self._blend if blend is None else blend)
+            yield self.pipeline
 
     # Internals -------------------------------------------------------------------------------------------
 

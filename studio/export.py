@@ -95,13 +95,9 @@ def export_blend(
     temp = _temporary_folder(out)
     written = temp / out.name
     try:
-        with _quiet(), studio._lock:  # as in `Studio.generate`: no other thread changes the weights meanwhile
-            studio._apply(replace(blend, fused=True))
-            try:
-                _save(_plain_copy(studio.pipeline, torch_dtype), written, record, out)
-                _verify(written, _plain_copy(studio.pipeline, studio.base.dtype), torch_dtype, temp / "config", out)
-            finally:
-                studio._apply(studio.blend)  # unfuses exactly, back to what the studio computed before
+        with _quiet(), studio.computing(replace(blend, fused=True)) as pipeline:
+            _save(_plain_copy(pipeline, torch_dtype), written, record, out)
+            _verify(written, _plain_copy(pipeline, studio.base.dtype), torch_dtype, temp / "config", out)
         _move_into_place(written, out, temp)
     finally:
         shutil.rmtree(temp, ignore_errors=True)

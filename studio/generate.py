@@ -535,7 +535,7 @@ def _plan_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -
 def _recipe_from_flags(args: argparse.Namespace) -> Recipe:
     adapters, loras = {}, {}
     for reference in args.lora:
-        source, weight = _split_weight(reference)
+        source, weight = split_lora_weight(reference)
         name, file_or_id = _cli_adapter(source)
         if name in loras:
             raise StudioError(f"--lora {reference}: another --lora is already named {name!r}")
@@ -564,7 +564,7 @@ def _recipe_from_flags(args: argparse.Namespace) -> Recipe:
                   adapters=adapters, batch_size=1 if args.batch_size is None else args.batch_size, source="command line")  # fmt: skip
 
 
-def _split_weight(reference: str) -> tuple[str, float]:
+def split_lora_weight(reference: str) -> tuple[str, float]:
     """`PATH_OR_ID[:WEIGHT]`: the weight is what follows the last colon, when that is a number."""
     source, _, weight = reference.rpartition(":")
     try:

@@ -1,4 +1,4 @@
-"""`python -m studio.lora`: inspect LoRA files and convert them between diffusers and kohya naming.
+"""`python -m studio.lora`: inspect, convert and merge LoRA files, and bake a blend into a base model.
 
     python -m studio.lora inspect FILE [--json] [--allow-pickle]
     python -m studio.lora convert IN OUT --to diffusers|kohya [--allow-pickle]
@@ -7,8 +7,8 @@
         [--to diffusers|kohya] [--allow-pickle] -o OUT.safetensors
     python -m studio.lora fuse-export --base BASE --lora FILE[:WEIGHT] ... --out OUT(.safetensors|folder) [--dtype fp16]
 
-Each subcommand is registered by an `add_*_command(subcommands)` function that sets `run`, so more
-subcommands (merge) plug in the same way. User errors print one line to stderr and exit with 2.
+Each subcommand is registered by an `add_*_command(subcommands)` function that sets `run`.
+User errors print one line to stderr and exit with 2.
 """
 
 from __future__ import annotations
@@ -113,9 +113,9 @@ def add_fuse_export_command(subcommands: argparse._SubParsersAction) -> None:
 def run_fuse_export(args: argparse.Namespace) -> int:
     # Imported here: diffusers takes seconds to import, and inspect and convert need none of it.
     from studio.export import fuse_export
-    from studio.generate import _split_weight
+    from studio.generate import split_lora_weight
 
-    loras = [_split_weight(reference) for reference in args.lora]
+    loras = [split_lora_weight(reference) for reference in args.lora]
     out = fuse_export(
         args.base,
         loras,

@@ -849,7 +849,7 @@ def _merge_tab(app: StudioApp, library_version: gr.Number) -> None:
             method = gr.Radio(list(MERGE_METHODS), value="cat", label="Method")
             with gr.Row():
                 density = gr.Slider(0.01, 1.0, value=0.5, step=0.01, label="density (ties, dare, magnitude_prune)")
-                rank = gr.Number(label="target rank (svd; 0 = sum of ranks)", value=0, precision=0, minimum=0)
+                rank = gr.Number(label="target rank (svd; 0 = the largest input rank)", value=0, precision=0, minimum=0)
             merged_name = gr.Textbox(label="Save as", placeholder="e.g. stripes_outline", elem_id="merge-name")
             replace = gr.Checkbox(label="replace a LoRA with the same name", value=False)
             preview_prompt = gr.Textbox(label="Preview prompt", value=EXAMPLE_PROMPTS.get(app.studio.base.source, ""))
