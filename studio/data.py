@@ -115,9 +115,11 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         random_flip: bool = False,
         repeats: int = 1,
         seed: int = 0,
+        caption_dropout_rate: float = 0.0,
     ):
         self.instance_images = instance_images
         self.class_images = class_images or []
+        self.caption_dropout_rate = caption_dropout_rate
         self.crop = crop
         self.random_flip = random_flip
         self.seed = seed
@@ -163,7 +165,11 @@ class DreamBoothDataset(torch.utils.data.Dataset):
 
     def _view(self, role: str, index: int, bucket: tuple[int, int], rng: random.Random) -> dict:
         record = (self.instance_images if role == "instance" else self.class_images)[index]
-        view = {"prompt": record.prompt, "original_size": record.size, "target_size": bucket}
+        # With class images, only theirs: the unconditional branch then keeps the base model's world.
+        dropping = role == "class" or not self.class_images
+        dropped = dropping and self.caption_dropout_rate and rng.random() < self.caption_dropout_rate
+        prompt = "" if dropped else record.prompt
+        view = {"prompt": prompt, "original_size": record.size, "target_size": bucket}
         if self.latents is not None:
             view["latent_parameters"] = self.latents[(role, index, bucket)]
             view["crop_top_left"] = center_crop_offset(record.size, bucket)
@@ -328,7 +334,3 @@ class PromptCache:
         embeds = torch.stack([self.embeddings[p][0] for p in prompts])
         pooled = [self.embeddings[p][1] for p in prompts]
         return embeds, None if pooled[0] is None else torch.stack(pooled)
-
-
-def dataset_prompts(dataset: DreamBoothDataset) -> list[str]:
-    return [r.prompt for r in dataset.instance_images] + [r.prompt for r in dataset.class_images]

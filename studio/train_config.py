@@ -82,6 +82,10 @@ class TrainConfig:
     random_flip: bool = _option(False, "flip images horizontally at random")
     buckets: str | None = _option(None, 'aspect-ratio buckets: "auto", or "height,width;height,width;..." in pixels')
     repeats: int = _option(1, "how many times each instance image appears in an epoch")
+    caption_dropout_rate: float = _option(
+        0.0, "fraction of images trained with an empty prompt (the unconditional branch classifier-free guidance "
+        "subtracts); with prior preservation only class images, so the LoRA does not leak into every prompt"
+    )
 
     # LoRA
     rank: int = _option(4, "LoRA rank")
@@ -171,6 +175,8 @@ class TrainConfig:
             raise StudioError("--learning-rate and --text-encoder-lr must be positive")
         if not 0.0 <= self.dropout < 1.0:
             raise StudioError(f"--dropout {self.dropout}: must be in [0, 1)")
+        if not 0.0 <= self.caption_dropout_rate < 1.0:
+            raise StudioError(f"--caption-dropout-rate {self.caption_dropout_rate}: must be in [0, 1)")
         if self.loraplus_lr_ratio is not None and self.loraplus_lr_ratio < 1.0:
             raise StudioError(f"--loraplus-lr-ratio {self.loraplus_lr_ratio}: must be at least 1")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:

@@ -148,13 +148,14 @@ def train(config: TrainConfig, base: BaseModel | None = None) -> TrainResult:
     # 5. Prepare the data; cache latents and prompt embeddings when they cannot change, then free the encoders.
     buckets = bucket_sizes(resolution, config.buckets, config.bucket_sizes(), step=pipeline.vae_scale_factor * 8)
     dataset = DreamBoothDataset(
-        instance_images, class_images, buckets, config.crop, config.random_flip, config.repeats, config.seed
+        instance_images, class_images, buckets, config.crop, config.random_flip, config.repeats, config.seed,
+        config.caption_dropout_rate,
     )
     if config.cache_latents and not dataset.is_random:
         cache_latents(dataset, vae)
     prompt_cache = None
     if config.cache_prompt_embeddings and not config.train_text_encoder:
-        prompts = [r.prompt for r in instance_images + class_images]
+        prompts = [r.prompt for r in instance_images + class_images] + [""] * (config.caption_dropout_rate > 0)
         prompt_cache = PromptCache(text_encoders, tokenizers, prompts)
     if accelerator.device.type != "cpu":
         for module, idle in [(vae, dataset.latents is not None)] + [
@@ -681,6 +682,7 @@ def lora_metadata(
         "ss_optimizer": config.optimizer,
         "ss_mixed_precision": config.mixed_precision,
         "ss_noise_offset": str(config.noise_offset),
+        "ss_caption_dropout_rate": str(config.caption_dropout_rate),
         "ss_min_snr_gamma": str(config.snr_gamma),
         "ss_prior_loss_weight": str(config.prior_loss_weight),
         "ss_output_name": config.output_dir.name,

@@ -143,3 +143,26 @@ def test_prompt_cache_matches_the_pipelines_own_prompt_encoding(make):
             assert pooled is None
         torch.testing.assert_close(embeds, expected)
         torch.testing.assert_close(encode_prompts(encoders, tokenizers, ["a sks shape"])[0], expected[:1])
+
+
+def test_caption_dropout_empties_class_prompts_only_and_at_the_asked_rate(tmp_path):
+    (tmp_path / "i").mkdir(), (tmp_path / "c").mkdir()
+    for n in range(400):
+        gradient_image(tmp_path / "c" / f"{n:03d}.png", 8, 8)
+    gradient_image(tmp_path / "i" / "0.png", 8, 8)
+    images, classes = scan_images(tmp_path / "i", "sks"), scan_images(tmp_path / "c", "dog")
+    dataset = DreamBoothDataset(images, classes, [(8, 8)], caption_dropout_rate=0.25, seed=3)
+    items = [dataset[i] for i in range(len(dataset))]
+    assert {item["instance"]["prompt"] for item in items} == {"sks"}  # the concept never teaches the empty prompt
+    dropped = sum(item["class"]["prompt"] == "" for item in items)
+    assert 60 <= dropped <= 140  # 25% of 400, well inside binomial noise (sd ~ 8.7)
+    assert [dataset[i]["class"]["prompt"] for i in range(50)] == [item["class"]["prompt"] for item in items[:50]]
+
+
+def test_caption_dropout_without_class_images_empties_instance_prompts(tmp_path):
+    for n in range(200):
+        gradient_image(tmp_path / f"{n:03d}.png", 8, 8)
+    dataset = DreamBoothDataset(scan_images(tmp_path, "sks"), None, [(8, 8)], caption_dropout_rate=0.5)
+    prompts = [dataset[i]["instance"]["prompt"] for i in range(len(dataset))]
+    assert set(prompts) == {"sks", ""}
+    assert 60 <= prompts.count("") <= 140

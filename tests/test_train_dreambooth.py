@@ -340,10 +340,12 @@ def test_prior_preservation_generates_the_missing_class_images_and_keeps_them(tm
         class_dir=class_dir,
         num_class_images=3,
         inference_steps=1,
+        caption_dropout_rate=0.5,  # the empty prompt joins the prompt cache
     )
     result = train(config)
     assert sorted(p.name for p in class_dir.iterdir()) == ["generated-00000.png", "generated-00001.png", "mine.png"]
     assert lora_metadata(result.lora_path)["ss_num_reg_images"] == "3"
+    assert lora_metadata(result.lora_path)["ss_caption_dropout_rate"] == "0.5"
 
 
 def test_pissa_is_saved_as_a_plain_lora_against_the_original_base(tmp_path):
@@ -445,6 +447,7 @@ def bad_input_cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
         ),
         "prior without class": (["--instance-dir", str(good), "--with-prior-preservation"], "--class-prompt"),
         "unknown flag value": (["--instance-dir", str(good), "--crop", "diagonal"], "crop"),
+        "caption dropout": (["--instance-dir", str(good), "--caption-dropout-rate", "1"], "--caption-dropout-rate 1"),
     }
 
 
@@ -452,7 +455,7 @@ def bad_input_cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
     "case",
     ["missing instance dir", "empty instance dir", "no readable image", "resolution", "rank", "unet target",
      "text encoder target", "different run", "foreign folder", "missing checkpoint", "prior without class",
-     "unknown flag value"],
+     "unknown flag value", "caption dropout"],
 )  # fmt: skip
 def test_bad_input_is_one_line_and_exit_code_2_before_any_model_loads(case, tmp_path, capsys, no_model_loading):
     arguments, expected = bad_input_cases(tmp_path)[case]
