@@ -15,7 +15,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--base", default="demo", help="base model: demo, tiny-sd, a hub id, a folder or a .safetensors file"
     )
     parser.add_argument("--base-config", default=None, help="diffusers folder describing a single-file --base offline")
-    parser.add_argument("--lora-dir", type=Path, default=Path("loras"), help="folder of LoRA files (default: ./loras)")
+    parser.add_argument(
+        "--lora-dir", type=Path, default=Path("loras"),
+        help="folder of LoRA files (default: ./loras; on the demo model a new folder starts with the demo LoRAs)",
+    )
     parser.add_argument(
         "--out-dir", type=Path, default=Path("outputs"), help="images, trainings, previews (default: ./outputs)"
     )
@@ -34,7 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         auth = _auth(args.auth)
         from studio.adapters import Studio
+        from studio.library import start_with_demo_loras
         from studio.ui import StudioApp, UIOptions, build_app, launch
+
+        if args.base == "demo" and not args.lora_dir.exists():
+            copied = start_with_demo_loras(args.lora_dir)
+            print(f"created {args.lora_dir} with the {len(copied)} demo LoRAs: {', '.join(p.stem for p in copied)}")
 
         options = UIOptions(
             lora_dir=args.lora_dir, out_dir=args.out_dir, max_upload_bytes=int(args.max_upload_mb * 1024**2)

@@ -21,6 +21,7 @@ from PIL import Image
 from studio import lora_io
 from studio.adapters import ADAPTER_NAME, AdapterInfo, Studio, resolve_lora_source
 from studio.errors import StudioError
+from studio.paths import DEMO_LORAS_DIR
 
 SUFFIX = ".safetensors"
 PREVIEW_SUFFIX = ".preview.png"
@@ -250,3 +251,17 @@ def _save_image_atomically(image: Image.Image, path: Path) -> None:
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def start_with_demo_loras(folder: Path) -> list[Path]:
+    """Create the LoRA folder `folder` holding copies of the demo LoRAs the project ships (assets/loras), so a
+    first start on the demo model has adapters to switch on. Only for a folder that does not exist yet."""
+    if folder.exists():
+        raise StudioError(f"{folder}: already exists; the demo LoRAs are only copied into a new LoRA folder")
+    staging = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for lora in sorted(DEMO_LORAS_DIR.glob(f"*{SUFFIX}")):
+        shutil.copy2(lora, staging / lora.name)
+    os.replace(staging, folder)
+    return sorted(folder.glob(f"*{SUFFIX}"))

@@ -8,7 +8,8 @@ from safetensors.torch import save_file
 
 from studio.adapters import Studio
 from studio.errors import StudioError
-from studio.library import LoraLibrary, check_name, safe_name
+from studio.library import LoraLibrary, check_name, safe_name, start_with_demo_loras
+from studio.paths import DEMO_LORAS_DIR
 
 BAD_MODULE = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_k"
 
@@ -106,3 +107,15 @@ def test_rename_moves_the_sidecar_preview_and_refuses_clashes(library, tmp_path)
     assert library.preview("c") == library.folder / "c.preview.png"
     library.delete("c")
     assert sorted(p.name for p in library.folder.iterdir()) == ["b.safetensors"]
+
+
+def test_a_new_lora_folder_can_start_with_the_shipped_demo_loras(tmp_path):
+    shipped = sorted(path.name for path in DEMO_LORAS_DIR.glob("*.safetensors"))
+    assert shipped, "the demo LoRAs are missing from assets/loras"
+    folder = tmp_path / "new" / "loras"
+    copied = start_with_demo_loras(folder)
+    assert [path.name for path in copied] == shipped
+    assert all((folder / name).read_bytes() == (DEMO_LORAS_DIR / name).read_bytes() for name in shipped)
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["loras"]  # no staging folder left
+    with pytest.raises(StudioError, match="already exists"):
+        start_with_demo_loras(folder)
