@@ -27,6 +27,7 @@ SUFFIX = ".safetensors"
 PREVIEW_SUFFIX = ".preview.png"
 DEFAULT_MAX_UPLOAD_BYTES = 2 * 1024**3
 PREVIEW_STEPS = 20
+TRIGGER_PROMPT_KEY = "studio.trigger_prompt"  # the instance prompt, in the metadata of LoRAs our trainer made
 
 
 @dataclass(frozen=True)
@@ -103,14 +104,15 @@ class LoraLibrary:
         return None
 
     def render_preview(self, name: str, prompt: str, steps: int = PREVIEW_STEPS) -> Path:
-        """Render the adapter alone at weight 1 from its trigger words (or `prompt`), once, and keep it."""
+        """Render the adapter alone at weight 1, once, and keep it: from the prompt it was trained with (our
+        trainer records it), else its trigger words, else `prompt`."""
         existing = self.preview(name)
         if existing is not None:
             return existing
         info = self.entry(name).info
         if info is None:
             raise StudioError(f"{name}: not loaded, so it has no preview")
-        text = ", ".join(info.trigger_words[:3]) or prompt
+        text = info.metadata.get(TRIGGER_PROMPT_KEY) or ", ".join(info.trigger_words[:3]) or prompt
         image = self.studio.generate(text, seed=0, steps=steps, blend=self.studio.make_blend({name: 1.0}))[0]
         path = self._rendered_preview(name)
         _save_image_atomically(image, path)

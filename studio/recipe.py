@@ -251,8 +251,12 @@ def _job(source: str, where: str, defaults: Mapping, table: object) -> Job:
     _check_keys(source, where, table, JOB_KEYS)
     if "name" in table:
         where = f"{where} ({table['name']})"
-    if any(key in table for key in SEED_KEYS):  # the job's own seeds replace the defaults' as a whole
+    # A job's own `seeds` replace the defaults' seed keys as a whole; its `seed` or `num_images` only replace
+    # the defaults' `seeds` list (so `num_images = 4` counts from the default seed).
+    if "seeds" in table:
         defaults = {key: value for key, value in defaults.items() if key not in SEED_KEYS}
+    elif "seed" in table or "num_images" in table:
+        defaults = {key: value for key, value in defaults.items() if key != "seeds"}
     fields = {**defaults, **table}
     if "seeds" in fields and ("seed" in fields or "num_images" in fields):
         raise StudioError(f"{source}: {where}: give either seeds = [...] or seed (+ num_images), not both")

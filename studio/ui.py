@@ -472,7 +472,7 @@ def build_app(app: StudioApp) -> gr.Blocks:
     with gr.Blocks(title="LoRA Studio") as blocks:
         gr.Markdown(
             f"# LoRA Studio\nBase model **{base.source}** ({lora_io.FAMILY_NAMES.get(base.family, base.family)}, "
-            f"{base.device.type}) · LoRA folder `{library.folder}` · outputs `{app.out_dir}`",
+            f"{base.device.type}) · LoRA folder `{_display_path(library.folder)}` · outputs `{_display_path(app.out_dir)}`",
             elem_id="studio-header",
         )
         library_version = gr.Number(value=library.version, visible=False)
@@ -992,6 +992,12 @@ def _seed(seed: float | None) -> int:
     if seed > MAX_SEED:
         raise StudioError(f"seed {seed} is too large (at most {MAX_SEED})")
     return random.randint(0, MAX_SEED) if seed < 0 else seed
+
+
+def _display_path(folder: Path) -> str:
+    """A folder as the header shows it: relative to where the app was started when it lies below it."""
+    folder = Path(folder).resolve()
+    return str(folder.relative_to(Path.cwd())) if folder.is_relative_to(Path.cwd()) else str(folder)
 
 
 def _first_line(error: BaseException) -> str:

@@ -333,6 +333,16 @@ def test_example_recipe_and_its_yaml_twin_parse_to_the_same_jobs(tmp_path):
     assert json.dumps(from_yaml.jobs[0].loras) == '{"a": {"down": 0, "mid": 1, "up": 0.5}}'
 
 
+def test_a_jobs_num_images_counts_from_the_default_seed_and_its_seeds_replace_both(tmp_path):
+    recipe_file = tmp_path / "r.toml"
+    recipe_file.write_text(
+        'base = "tiny-sd"\n[defaults]\nseed = 7\nnum_images = 3\n'
+        '[[jobs]]\nprompt = "a"\nnum_images = 2\n[[jobs]]\nprompt = "b"\nseed = 20\n'
+        '[[jobs]]\nprompt = "c"\nseeds = [4, 9]\n[[jobs]]\nprompt = "d"\n'
+    )
+    assert [job.seeds for job in load_recipe(recipe_file).jobs] == [[7, 8], [20, 21, 22], [4, 9], [7, 8, 9]]
+
+
 def test_cli_help_and_mode_errors(capsys):
     with pytest.raises(SystemExit) as exit_help:
         main(["--help"])

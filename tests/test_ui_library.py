@@ -4,6 +4,7 @@ never stays in it, and replacing keeps the old file until the new one has loaded
 import pytest
 import torch
 from lora_factories import diffusers_lora
+from PIL import Image
 from safetensors.torch import save_file
 
 from studio.adapters import Studio
@@ -119,3 +120,14 @@ def test_a_new_lora_folder_can_start_with_the_shipped_demo_loras(tmp_path):
     assert sorted(p.name for p in folder.parent.iterdir()) == ["loras"]  # no staging folder left
     with pytest.raises(StudioError, match="already exists"):
         start_with_demo_loras(folder)
+
+
+def test_a_preview_is_rendered_from_the_prompt_the_lora_was_trained_with(library, tmp_path, monkeypatch):
+    lora = tmp_path / "star.safetensors"
+    metadata = {"studio.trigger_prompt": "a sks shape", "studio.trigger_words": "sks"}
+    diffusers_lora(library.studio.pipeline, lora, "sd1", metadata=metadata)
+    library.add_file(lora, "star.safetensors")
+    prompts = []
+    monkeypatch.setattr(library.studio, "generate", lambda text, **_: prompts.append(text) or [Image.new("RGB", (8, 8))])
+    library.render_preview("star", prompt="fallback")
+    assert prompts == ["a sks shape"]  # not the bare trigger word "sks"

@@ -9,6 +9,7 @@ Playwright (as tests/test_ui_browser.py does), waits for the previews and the im
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import socket
 import sys
@@ -45,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     wanted = [(name, float(weight)) for name, _, weight in (item.partition(":") for item in args.loras)]
 
     with tempfile.TemporaryDirectory() as scratch:
-        lora_dir = Path(scratch) / "loras"
+        os.chdir(scratch)  # as a user starts it: the header shows `loras` and `outputs`, no temporary path
+        lora_dir = Path("loras")
         lora_dir.mkdir()
         for name, _ in wanted:  # only the LoRAs shown, so the page holds exactly them
             for suffix in (".safetensors", ".preview.png"):
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
                     shutil.copyfile(source, lora_dir / source.name)
         try:
             app = StudioApp(
-                Studio.from_base(args.base), UIOptions(lora_dir=lora_dir, out_dir=Path(scratch) / "outputs")
+                Studio.from_base(args.base), UIOptions(lora_dir=lora_dir, out_dir=Path("outputs"))
             )
         except StudioError as error:
             print(f"error: {error}", file=sys.stderr)
