@@ -33,14 +33,10 @@ from studio.errors import StudioError
 from studio.generate import base_source, default_size, image_metadata
 from studio.grid import labelled_grid
 from studio.library import DEFAULT_MAX_UPLOAD_BYTES, SUFFIX, LibraryEntry, LoraLibrary, check_name, safe_name
+from studio.merge import MERGE_METHODS, merge_loras
 from studio.pngmeta import save_png
 from studio.train_config import TEXT_ENCODER_TARGETS, UNET_TARGETS, parse_config
 from studio.train_job import TrainingJob, TrainStatus
-
-try:
-    from studio.merge import MERGE_METHODS, merge_loras
-except ImportError:  # the Merge tab says merging is unavailable
-    MERGE_METHODS, merge_loras = (), None
 
 logger = logging.getLogger("studio.ui")
 
@@ -822,9 +818,6 @@ def _train_tab(app: StudioApp, library_version: gr.Number, train_tab: gr.Tab) ->
 
 
 def _merge_tab(app: StudioApp, library_version: gr.Number) -> None:
-    if merge_loras is None:
-        gr.Markdown("**Merging not available: studio.merge missing** (this installation has no `studio/merge.py`).")
-        return
     gr.Markdown(
         "Merge several LoRAs into one new LoRA file in the library. `cat` is exact (the merged file renders like "
         "the blend); `linear` mixes the factors (an approximation); `svd` re-factors the blend to a target rank; "

@@ -277,7 +277,6 @@ def test_app_refuses_a_malformed_auth(tmp_path, capsys):
 
 
 def test_merge_cat_adds_a_lora_that_renders_like_the_blend(served):
-    pytest.importorskip("studio.merge", reason="studio.merge is not part of this checkout yet")
     message, previews, *_ = served.client.predict(
         names=["stripes", "outline"], weights={"stripes": 0.8, "outline": 0.6}, method="cat", density=0.5, rank=0,
         name="merged", replace=False, preview_prompt=PROMPT, api_name="/merge",
