@@ -199,7 +199,7 @@ class StudioApp:
         what = "Compared" if compare else "Rendered"
         return (
             f"{what} **{text or '(empty prompt)'}** · {seeds} · {settings['steps']} steps · CFG {format_number(settings['guidance'])}"
-            f" · {settings['width']}×{settings['height']} · {loras}  \nSaved with their settings in `{folder}`"
+            f" · {settings['width']}×{settings['height']} · {loras}  \nSaved with their settings in `{_display_path(folder)}`"
         )
 
     def _image_folder(self) -> Path:

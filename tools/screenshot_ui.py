@@ -1,6 +1,6 @@
 """Take the README's screenshot of the Generate tab: the demo model with two LoRAs switched on and blended.
 
-    python tools/screenshot_ui.py --loras stripes:0.8 outlined:0.6 --prompt "a red circle" --out assets/screenshot-generate.png
+    python tools/screenshot_ui.py --loras star:1.0 striped:0.8 --prompt "a sks shape, striped" --out assets/screenshot-generate.png
 
 Starts the app in this process on a free port with a copy of the LoRAs, drives Debian's Chromium with
 Playwright (as tests/test_ui_browser.py does), waits for the previews and the images, and saves the PNG.
