@@ -173,10 +173,7 @@ def train(config: TrainConfig, base: BaseModel | None = None) -> TrainResult:
         generator=torch.Generator().manual_seed(config.seed),  # else each epoch's iterator draws from the global RNG
     )
 
-    # 6. accelerate's wrapping of the models (device, DDP, mixed precision) first: placing a model may give its
-    #    tensors new memory, which the optimizer's flat AdamW tensor must not be made from. Then the optimizer,
-    #    the learning-rate schedule, and their wrapping with the data (accumulation, sharding).
-    wrapped = {name: accelerator.prepare(module) for name, module in trained.items()}
+    # 6. Optimizer, learning-rate schedule, and accelerate's wrapping (DDP, mixed precision, accumulation).
     optimizer = build_optimizer(config, optimizer_class, trained)
     lr_scheduler = get_scheduler(
         config.lr_scheduler,
@@ -186,7 +183,11 @@ def train(config: TrainConfig, base: BaseModel | None = None) -> TrainResult:
         num_cycles=config.lr_num_cycles,
         power=config.lr_power,
     )
-    optimizer, dataloader, lr_scheduler = accelerator.prepare(optimizer, dataloader, lr_scheduler)
+    names = list(trained)
+    *wrapped, optimizer, dataloader, lr_scheduler = accelerator.prepare(
+        *trained.values(), optimizer, dataloader, lr_scheduler
+    )
+    wrapped = dict(zip(names, wrapped))
     register_checkpoint_hooks(accelerator, trained)
     if config.report_to != "none" and accelerator.is_main_process:
         accelerator.init_trackers("dreambooth-lora", config=tracker_config(config))
@@ -204,7 +205,7 @@ def train(config: TrainConfig, base: BaseModel | None = None) -> TrainResult:
     batches_to_skip = (global_step % updates_per_epoch) * config.gradient_accumulation_steps
 
     # 8. The loop.
-    optimized = [p for group in optimizer.param_groups for p in group["params"]]
+    trained_params = [p for module in trained.values() for p in module.parameters() if p.requires_grad]
     denoiser = wrapped["unet"]
     encoders_in_loop = [wrapped.get(n, te) for n, te in zip(("text_encoder", "text_encoder_2"), text_encoders)]
     progress = tqdm(
@@ -262,17 +263,17 @@ def train(config: TrainConfig, base: BaseModel | None = None) -> TrainResult:
 
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(optimized, config.max_grad_norm)
+                    accelerator.clip_grad_norm_(trained_params, config.max_grad_norm)
                 optimizer.step()
                 lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=False)  # in place: the LoRA gradients are views (flat_parameter)
+                optimizer.zero_grad(set_to_none=True)
 
             if not accelerator.sync_gradients:
                 continue
             global_step += 1
             losses.append(loss.detach().item())
-            progress.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}", refresh=False)
-            progress.update(1)  # redraws the bar (with the postfix) at most every 0.1 s, not every step
+            progress.update(1)
+            progress.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
             accelerator.log({"loss": losses[-1], "lr": lr_scheduler.get_last_lr()[0]}, step=global_step)
 
             paused_at = time.perf_counter()
@@ -494,27 +495,10 @@ def build_optimizer(config: TrainConfig, optimizer_class, trained: dict[str, tor
                 module, optimizer_class, lr=lr, loraplus_lr_ratio=config.loraplus_lr_ratio,
                 loraplus_weight_decay=config.adam_weight_decay, **kwargs,
             )  # fmt: skip
-            own = ("params", "lr", "weight_decay")  # not the defaults (foreach=None, ...) of peft's scratch optimizer
-            groups += [{key: g[key] for key in own} for g in loraplus.param_groups if g["params"]]
+            groups += [g for g in loraplus.param_groups if g["params"]]
     if optimizer_class is torch.optim.AdamW:
-        # AdamW is elementwise: updating one tensor that holds a group's LoRA tensors is the same update, done
-        # by one fused kernel a step instead of a dozen per tensor (hundreds of tensors), whose launches, not
-        # their arithmetic, are what the optimizer step of a small model costs.
-        groups = [{**group, "params": [flat_parameter(group["params"])]} for group in groups]
-        kwargs["fused"] = True
+        kwargs["foreach"] = True  # one fused update over all LoRA tensors (torch picks it on GPUs, not on CPUs)
     return optimizer_class(groups, lr=config.learning_rate, **kwargs)
-
-
-def flat_parameter(params: list[torch.nn.Parameter]) -> torch.nn.Parameter:
-    """One parameter, with a zero gradient, that `params` and their gradients become views into: updating it
-    updates them. Backward adds into the gradient views, so they must be zeroed in place, never set to None;
-    and the model must not be moved afterwards (moving gives its tensors new memory, no longer views)."""
-    flat = torch.nn.Parameter(torch.cat([p.detach().reshape(-1) for p in params]))
-    flat.grad = torch.zeros_like(flat)
-    sizes = [p.numel() for p in params]
-    for p, values, grad in zip(params, flat.data.split(sizes), flat.grad.split(sizes)):
-        p.data, p.grad = values.view_as(p), grad.view_as(p)
-    return flat
 
 
 def denoising_target(noise_scheduler, latents, noise, timesteps) -> torch.Tensor:
@@ -718,11 +702,8 @@ def validation_images(config: TrainConfig, pipeline, accelerator, trained, vae, 
     """`--num-validation-images` images of the validation prompt with the LoRA as trained so far (fixed seeds)."""
     for module in trained.values():
         module.eval()
-    # Only the frozen encoders may have been moved off the device; moving a trained one would give its LoRA
-    # tensors new memory, no longer the views the optimizer updates (see flat_parameter).
-    idle = [module for module in (vae, *text_encoders) if module not in trained.values()]
     try:
-        with offload_models(*idle, device=accelerator.device), accelerator.autocast():
+        with offload_models(vae, *text_encoders, device=accelerator.device), accelerator.autocast():
             generators = [
                 torch.Generator(accelerator.device).manual_seed(config.seed + i)
                 for i in range(config.num_validation_images)
