@@ -1,5 +1,6 @@
 """`Studio`: loading, blending, disabling, fusing and thread safety, checked against W + sum w_i * delta_i."""
 
+import copy
 import threading
 
 import numpy as np
@@ -124,6 +125,40 @@ def test_per_component_weight_applies_to_that_component_only(sd_studio, two_lora
         x = torch.randn(2, base_layer.weight.shape[1])
         expected = expected_output(base_layer.weight, base_layer.bias, x, [(weight, deltas["a"][(component, module_name)])])
         torch.testing.assert_close(layer_output(sd_studio, component, module_name, x), expected, rtol=1e-4, atol=1e-5)
+
+
+def lora_layer_state(pipeline):
+    """Every LoRA layer's active adapters and scalings, component by component."""
+    state = {}
+    for component in ("unet", "text_encoder"):
+        for module_name, module in getattr(pipeline, component).named_modules():
+            if hasattr(module, "scaling") and hasattr(module, "active_adapters"):
+                state[(component, module_name)] = (list(module.active_adapters), dict(module.scaling))
+    return state
+
+
+@pytest.mark.parametrize(
+    "blend",
+    [
+        {"a": 0.7, "b": -0.4},
+        {"b": 0.25},
+        {"a": {"unet": 0.5, "text_encoder": 0.0}, "b": 1.5},
+        {"a": {"down": 0.0, "mid": 0.3, "up": 1.0}, "b": {"unet": {"down": 2.0, "mid": 0.0, "up": 0.5}, "text_encoder": 0.2}},
+    ],
+)
+def test_switching_sets_the_layers_as_diffusers_set_adapters_does(sd_studio, two_loras, blend):
+    """The studio switches blends from its own list of LoRA layers (fast); diffusers' pipeline-wide
+    `set_adapters`, called with the same blend, must leave every layer in the same state."""
+    paths, _ = two_loras
+    for name, path in paths.items():
+        sd_studio.load_adapter(path, name=name)
+    sd_studio.set_adapters({"a": 0.1})  # another active set first, so the switch has work to do
+    sd_studio.set_adapters(blend)
+    studio_state = lora_layer_state(sd_studio.pipeline)
+    active = sd_studio.blend.active()  # the weights as validated: per-block dicts sit under "unet"
+    assert list(active) == [name for name in ("a", "b") if name in blend]
+    sd_studio.pipeline.set_adapters(list(active), [copy.deepcopy(w) for w in active.values()])
+    assert studio_state and lora_layer_state(sd_studio.pipeline) == studio_state
 
 
 def test_per_block_weight_reaches_only_that_block(sd_studio, two_loras):
