@@ -263,7 +263,13 @@ def train(config: TrainConfig, base: BaseModel | None = None) -> TrainResult:
 
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(trained_params, config.max_grad_norm)
+                    grad_norm = accelerator.clip_grad_norm_(trained_params, config.max_grad_norm)
+                    # The same on every process (gradients are synced). fp16's scaler skips such steps itself.
+                    if config.mixed_precision != "fp16" and not torch.isfinite(grad_norm):
+                        raise StudioError(
+                            f"{config.output_dir}: training diverged at step {global_step + 1} (the gradients are "
+                            f"not finite); try a lower --learning-rate. Earlier checkpoints are kept."
+                        )
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -509,13 +515,17 @@ def denoising_target(noise_scheduler, latents, noise, timesteps) -> torch.Tensor
 
 
 def diffusion_loss(model_pred, target, timesteps, noise_scheduler, snr_gamma: float | None) -> torch.Tensor:
-    """Mean squared error, optionally min-SNR weighted (https://arxiv.org/abs/2303.09556) as diffusers does."""
+    """Mean squared error, optionally min-SNR weighted (https://arxiv.org/abs/2303.09556): the x0-loss weighted
+    by min(SNR, gamma), which is the noise loss times min(SNR, gamma) / SNR and the velocity loss times
+    min(SNR, gamma) / (SNR + 1). Written so that SNR = 0 (the last timestep of zero-terminal-SNR schedules,
+    such as the demo model's) gives weight 1 and 0, where the plain quotient gives NaN."""
     if snr_gamma is None:
         return F.mse_loss(model_pred.float(), target.float(), reduction="mean")
     snr = compute_snr(noise_scheduler, timesteps)
-    weights = torch.minimum(snr, torch.full_like(snr, snr_gamma)) / snr
     if noise_scheduler.config.prediction_type == "v_prediction":
-        weights = weights + 1  # v-prediction's target already carries a 1/(snr+1) factor
+        weights = torch.clamp(snr, max=snr_gamma) / (snr + 1)
+    else:
+        weights = torch.clamp(snr_gamma / snr, max=1.0)  # = min(SNR, gamma) / SNR; gamma / 0 = inf -> 1
     loss = F.mse_loss(model_pred.float(), target.float(), reduction="none")
     return (loss.mean(dim=list(range(1, loss.ndim))) * weights).mean()
 

@@ -25,6 +25,7 @@ from studio import demo_world
 from studio.base import load_base
 from studio.tiny import tiny_sd_pipeline, tiny_sdxl_pipeline
 from studio.train_config import TrainConfig
+from studio.errors import StudioError
 from studio.train_dreambooth import LORA_FILE, RUN_FILE, denoising_target, diffusion_loss, main, train
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -406,6 +407,31 @@ def test_min_snr_weighting_caps_each_sample_at_gamma_over_snr():
     expected = (per_sample * torch.clamp(5.0 / snr, max=1.0)).mean()
     torch.testing.assert_close(diffusion_loss(prediction, target, timesteps, scheduler, 5.0), expected)
     torch.testing.assert_close(diffusion_loss(prediction, target, timesteps, scheduler, None), per_sample.mean())
+
+
+def test_min_snr_weighting_of_velocity_on_a_zero_terminal_snr_schedule_is_finite():
+    """The demo model's schedule (v-prediction, zero terminal SNR) has SNR = 0 at its last timestep, where
+    min(SNR, gamma) / SNR is 0 / 0. The velocity loss is (SNR + 1) times the x0-loss, so its weight is
+    min(SNR, gamma) / (SNR + 1): 0 there."""
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                              prediction_type="v_prediction", rescale_betas_zero_snr=True)  # fmt: skip
+    prediction, target = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    timesteps = torch.tensor([5, 500, 999])
+    alpha_bar = scheduler.alphas_cumprod[timesteps].double()
+    assert alpha_bar[2] == 0
+    snr = alpha_bar / (1 - alpha_bar)
+    per_sample = ((prediction - target) ** 2).mean(dim=(1, 2, 3)).double()
+    expected = (per_sample * torch.minimum(snr, torch.tensor(5.0, dtype=torch.float64)) / (snr + 1)).mean()
+    loss = diffusion_loss(prediction, target, timesteps, scheduler, 5.0)
+    assert torch.isfinite(loss)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_a_diverging_run_stops_with_an_error_instead_of_saving_a_nan_lora(tmp_path):
+    draw_images(tmp_path / "images", [(64, 64)])
+    with pytest.raises(StudioError, match=r"training diverged at step \d+ .*--learning-rate"):
+        train(options(tmp_path, learning_rate=1e30, max_train_steps=4))  # one Adam step moves weights by ~lr
+    assert not (tmp_path / "out" / LORA_FILE).exists()
 
 
 # ---- bad input: one line on stderr, exit code 2, no model loaded --------------------------------------------
