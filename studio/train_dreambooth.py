@@ -264,8 +264,10 @@ def train(config: TrainConfig, base: BaseModel | None = None) -> TrainResult:
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(trained_params, config.max_grad_norm)
-                    # The same on every process (gradients are synced). fp16's scaler skips such steps itself.
-                    if config.mixed_precision != "fp16" and not torch.isfinite(grad_norm):
+                    # The same on every process (gradients are synced). fp16's scaler skips such steps itself;
+                    # under DeepSpeed the norm comes back as a float, or None when its engine keeps it.
+                    diverged = grad_norm is not None and not math.isfinite(float(grad_norm))
+                    if config.mixed_precision != "fp16" and diverged:
                         raise StudioError(
                             f"{config.output_dir}: training diverged at step {global_step + 1} (the gradients are "
                             f"not finite); try a lower --learning-rate. Earlier checkpoints are kept."
