@@ -268,6 +268,7 @@ def train(config: TrainConfig, base: BaseModel | None = None) -> TrainResult:
                     # under DeepSpeed the norm comes back as a float, or None when its engine keeps it.
                     diverged = grad_norm is not None and not math.isfinite(float(grad_norm))
                     if config.mixed_precision != "fp16" and diverged:
+                        progress.close()  # so the error starts a line of its own
                         raise StudioError(
                             f"{config.output_dir}: training diverged at step {global_step + 1} (the gradients are "
                             f"not finite); try a lower --learning-rate. Earlier checkpoints are kept."
