@@ -119,7 +119,7 @@ def test_only_lora_tensors_change_and_base_weights_stay_bit_identical(sd_run):
         assert lora_keys, name
         assert {k.replace("base_layer.", "") for k in base_keys} == set(sd_run.before[name])
         for key in base_keys:
-            assert torch.equal(after[key], sd_run.before[name][key.replace("base_layer.", "")]), key
+            assert torch.equal(after[key].cpu(), sd_run.before[name][key.replace("base_layer.", "")]), key
         trained_up = [after[k] for k in lora_keys if "lora_B" in k]
         assert all(t.abs().max() > 0 for t in trained_up)  # B starts at zero: every module learned something
 
@@ -356,7 +356,7 @@ def test_pissa_is_saved_as_a_plain_lora_against_the_original_base(tmp_path):
     result = train(options(tmp_path, init="pissa", rank=2, learning_rate=1e-2), base=base)
     module_path = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_k"
     trained = base.pipeline.unet.get_submodule(module_path)
-    trained_weight = trained.base_layer.weight + trained.get_delta_weight("default")  # W_res + s·B·A
+    trained_weight = (trained.base_layer.weight + trained.get_delta_weight("default")).cpu()  # W_res + s·B·A
 
     tensors = load_file(result.lora_path)
     settings = json.loads(lora_metadata(result.lora_path)["lora_adapter_metadata"])
