@@ -124,6 +124,10 @@ class TrainConfig:
     lr_warmup_steps: int = _option(0, "warm-up steps of the schedule")
     lr_num_cycles: int = _option(1, "cycles of cosine_with_restarts")
     lr_power: float = _option(1.0, "power of the polynomial schedule")
+    ema_decay: float | None = _option(
+        None, "save the exponential moving average of the LoRA weights (decay e.g. 0.995, about the last 200 steps) "
+        "instead of the last step's weights: steadier from run to run; off when unset"
+    )
     snr_gamma: float | None = _option(None, "min-SNR weighting gamma (5.0 is usual); off when unset")
     noise_offset: float = _option(0.0, "noise offset (0.05-0.1 helps very dark or bright images)")
     mixed_precision: str = _option("no", "mixed precision", choices=MIXED_PRECISIONS)
@@ -177,6 +181,8 @@ class TrainConfig:
             raise StudioError(f"--dropout {self.dropout}: must be in [0, 1)")
         if not 0.0 <= self.caption_dropout_rate < 1.0:
             raise StudioError(f"--caption-dropout-rate {self.caption_dropout_rate}: must be in [0, 1)")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise StudioError(f"--ema-decay {self.ema_decay}: must be between 0 and 1")
         if self.loraplus_lr_ratio is not None and self.loraplus_lr_ratio < 1.0:
             raise StudioError(f"--loraplus-lr-ratio {self.loraplus_lr_ratio}: must be at least 1")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:

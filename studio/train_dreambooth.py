@@ -12,6 +12,7 @@ loads it) with kohya-style `ss_*` and `studio.*` metadata, and on request a kohy
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -32,7 +33,7 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, is_tensorboard_available, is_wandb_available, set_seed
 from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import cast_training_params, compute_snr, free_memory, offload_models
+from diffusers.training_utils import EMAModel, cast_training_params, compute_snr, free_memory, offload_models
 from diffusers.utils import make_image_grid
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from peft.optimizers import create_loraplus_optimizer
@@ -61,6 +62,7 @@ logger = logging.getLogger("studio.train_dreambooth")
 LORA_FILE = "pytorch_lora_weights.safetensors"
 RUN_FILE = "training_config.json"  # marks a folder as holding a run, and which one
 TRAINING_STATE_FILE = "lora_training_state.safetensors"  # raw adapter tensors in a checkpoint, for resuming
+EMA_PREFIX, EMA_STEP_KEY = "ema.", "ema_step"  # the weight average's tensors and step count in that file
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 KOHYA_BASE_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 
@@ -188,7 +190,10 @@ def train(config: TrainConfig, base: BaseModel | None = None) -> TrainResult:
         *trained.values(), optimizer, dataloader, lr_scheduler
     )
     wrapped = dict(zip(names, wrapped))
-    register_checkpoint_hooks(accelerator, trained)
+    trained_params = trainable_parameters(trained)
+    # The average starts at the initial weights; diffusers' EMAModel warms its decay up as (1+t)/(10+t).
+    ema = EMAModel(trained_params, decay=config.ema_decay, foreach=True) if config.ema_decay else None
+    register_checkpoint_hooks(accelerator, trained, ema)
     if config.report_to != "none" and accelerator.is_main_process:
         accelerator.init_trackers("dreambooth-lora", config=tracker_config(config))
     if accelerator.is_main_process:
@@ -205,7 +210,6 @@ def train(config: TrainConfig, base: BaseModel | None = None) -> TrainResult:
     batches_to_skip = (global_step % updates_per_epoch) * config.gradient_accumulation_steps
 
     # 8. The loop.
-    trained_params = [p for module in trained.values() for p in module.parameters() if p.requires_grad]
     denoiser = wrapped["unet"]
     encoders_in_loop = [wrapped.get(n, te) for n, te in zip(("text_encoder", "text_encoder_2"), text_encoders)]
     progress = tqdm(
@@ -279,6 +283,8 @@ def train(config: TrainConfig, base: BaseModel | None = None) -> TrainResult:
 
             if not accelerator.sync_gradients:
                 continue
+            if ema is not None:
+                ema.step(trained_params)
             global_step += 1
             losses.append(loss.detach().item())
             progress.update(1)
@@ -288,9 +294,10 @@ def train(config: TrainConfig, base: BaseModel | None = None) -> TrainResult:
             paused_at = time.perf_counter()
             if global_step % config.checkpointing_steps == 0 and global_step < config.max_train_steps:
                 metadata = lora_metadata(config, base, global_step, resolution, len(instance_images), len(class_images))
-                save_checkpoint(accelerator, config, global_step, trained, initial_state, base.family, metadata)
+                save_checkpoint(accelerator, config, global_step, trained, initial_state, base.family, metadata, ema)
             if config.validation_prompt and global_step % config.validation_steps == 0 and accelerator.is_main_process:
-                images = validation_images(config, pipeline, accelerator, trained, vae, text_encoders)
+                with averaged_weights(ema, trained_params):
+                    images = validation_images(config, pipeline, accelerator, trained, vae, text_encoders)
                 save_validation(config, accelerator, images, global_step)
             pause += time.perf_counter() - paused_at
             if global_step >= config.max_train_steps:
@@ -300,6 +307,8 @@ def train(config: TrainConfig, base: BaseModel | None = None) -> TrainResult:
 
     # 9. Save the LoRA (and the kohya copy), make the base-vs-LoRA grid, report speed and memory.
     accelerator.wait_for_everyone()
+    if ema is not None:
+        ema.copy_to(trained_params)  # from here on the adapters are the average: saved, sampled and handed back
     lora_path, kohya_path = config.output_dir / LORA_FILE, None
     if accelerator.is_main_process:
         metadata = lora_metadata(config, base, global_step, resolution, len(instance_images), len(class_images))
@@ -477,6 +486,10 @@ def add_lora(module: torch.nn.Module, name: str, config: LoraConfig) -> None:
         ) from None
 
 
+def trainable_parameters(trained: dict[str, torch.nn.Module]) -> list[torch.nn.Parameter]:
+    return [p for module in trained.values() for p in module.parameters() if p.requires_grad]
+
+
 def set_lora_enabled(modules, enabled: bool) -> None:
     for module in modules:
         for layer in module.modules():
@@ -536,8 +549,11 @@ def diffusion_loss(model_pred, target, timesteps, noise_scheduler, snr_gamma: fl
 # ---- checkpoints -------------------------------------------------------------------------------------------
 
 
-def register_checkpoint_hooks(accelerator: Accelerator, trained: dict[str, torch.nn.Module]) -> None:
-    """Checkpoints hold the adapters' tensors only, not the frozen base weights (as diffusers' scripts do)."""
+def register_checkpoint_hooks(
+    accelerator: Accelerator, trained: dict[str, torch.nn.Module], ema: EMAModel | None
+) -> None:
+    """Checkpoints hold the adapters' tensors only, not the frozen base weights (as diffusers' scripts do), and
+    the weight average with its step count when `--ema-decay` is on, all in one safetensors file."""
 
     def save_hook(models, weights, output_dir):
         if accelerator.is_main_process:
@@ -546,6 +562,9 @@ def register_checkpoint_hooks(accelerator: Accelerator, trained: dict[str, torch
                 for name, module in trained.items()
                 for key, value in adapter_state(module).items()
             }
+            if ema is not None:
+                state |= {f"{EMA_PREFIX}{i}": shadow for i, shadow in enumerate(ema.shadow_params)}
+                state[EMA_STEP_KEY] = torch.tensor(ema.optimization_step)
             safetensors.torch.save_file(state, os.path.join(output_dir, TRAINING_STATE_FILE))
         weights.clear()  # accelerate would otherwise save every model's full state dict
 
@@ -557,6 +576,12 @@ def register_checkpoint_hooks(accelerator: Accelerator, trained: dict[str, torch
             result = set_peft_model_state_dict(module, own)
             if result.unexpected_keys:
                 raise StudioError(f"{input_dir}: checkpoint does not match this run ({name})")
+        if ema is not None:
+            if EMA_STEP_KEY not in state:
+                raise StudioError(f"{input_dir}: checkpoint has no weight average (it was saved without --ema-decay)")
+            for i, shadow in enumerate(ema.shadow_params):
+                shadow.copy_(state[f"{EMA_PREFIX}{i}"])
+            ema.optimization_step = int(state[EMA_STEP_KEY])
         models.clear()
 
     accelerator.register_save_state_pre_hook(save_hook)
@@ -564,10 +589,18 @@ def register_checkpoint_hooks(accelerator: Accelerator, trained: dict[str, torch
 
 
 def save_checkpoint(
-    accelerator: Accelerator, config: TrainConfig, step: int, trained, initial_state, family: str, metadata: dict
+    accelerator: Accelerator,
+    config: TrainConfig,
+    step: int,
+    trained,
+    initial_state,
+    family: str,
+    metadata: dict,
+    ema: EMAModel | None,
 ) -> None:
-    """accelerate's state (optimizer, schedule, RNGs) plus the LoRA so far, written to `checkpoint-N.tmp` and
-    renamed when complete, so an interrupted save never leaves a half checkpoint behind."""
+    """accelerate's state (optimizer, schedule, RNGs) plus the LoRA so far (the average, with `--ema-decay`),
+    written to `checkpoint-N.tmp` and renamed when complete, so an interrupted save never leaves a half
+    checkpoint behind."""
     final = config.output_dir / f"checkpoint-{step}"
     staging = config.output_dir / f"checkpoint-{step}.tmp"
     if accelerator.is_main_process and staging.exists():
@@ -575,7 +608,8 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     accelerator.save_state(str(staging))
     if accelerator.is_main_process:
-        save_lora(staging, trained, initial_state, family, metadata)
+        with averaged_weights(ema, trainable_parameters(trained)):
+            save_lora(staging, trained, initial_state, family, metadata)
         if final.exists():
             shutil.rmtree(final)
         os.replace(staging, final)
@@ -584,6 +618,20 @@ def save_checkpoint(
             for old in checkpoints[: max(0, len(checkpoints) - config.checkpoints_total_limit)]:
                 shutil.rmtree(old)
     accelerator.wait_for_everyone()
+
+
+@contextlib.contextmanager
+def averaged_weights(ema: EMAModel | None, params: list[torch.nn.Parameter]):
+    """The weight average in place of the trained weights while a LoRA is saved or sampled, then back."""
+    if ema is None:
+        yield
+        return
+    ema.store(params)
+    ema.copy_to(params)
+    try:
+        yield
+    finally:
+        ema.restore(params)
 
 
 # ---- saving the LoRA ---------------------------------------------------------------------------------------

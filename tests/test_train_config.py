@@ -103,6 +103,7 @@ def test_missing_required_options_are_named():
         ({"buckets": "60,64"}, "multiples of 8"),
         ({"dora": True, "init": "pissa"}, "--dora cannot"),
         ({"loraplus_lr_ratio": 0.5}, "at least 1"),
+        ({"ema_decay": 1.0}, "--ema-decay 1.0"),
         ({"with_prior_preservation": True}, "--class-prompt"),
         ({"optimizer": "sgd"}, "adamw"),
     ],

@@ -293,6 +293,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
         noise_offset=0.05,
         lr_scheduler="cosine",
         lr_warmup_steps=2,
+        ema_decay=0.6,  # the saved LoRA is the average: it only matches if the average resumes too
     )
     train(options(tmp_path, **config))
     uninterrupted = load_file(tmp_path / "out" / LORA_FILE)
@@ -305,6 +306,30 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert again.keys() == uninterrupted.keys()
     for key in uninterrupted:
         assert torch.equal(again[key], uninterrupted[key]), key
+
+
+def test_ema_saves_the_moving_average_of_the_weights_after_each_step(tmp_path):
+    draw_images(tmp_path / "images", [(64, 64), (64, 64)])
+    common = dict(max_train_steps=3, learning_rate=1e-2, checkpointing_steps=1)
+    train(options(tmp_path, **common, output_dir=tmp_path / "plain"))
+    per_step = [load_file(tmp_path / "plain" / f"checkpoint-{n}" / LORA_FILE) for n in (1, 2)]
+    per_step.append(load_file(tmp_path / "plain" / LORA_FILE))
+
+    decay = 0.2
+    train(options(tmp_path, **common, output_dir=tmp_path / "ema", ema_decay=decay))
+    saved = load_file(tmp_path / "ema" / LORA_FILE)
+    at_step_2 = load_file(tmp_path / "ema" / "checkpoint-2" / LORA_FILE)
+
+    # The average after step t is d*average + (1-d)*weights, d = min(decay, t/(9+t)): 0 at step 1, 2/11, then 0.2.
+    for key, last in per_step[-1].items():
+        average = per_step[0][key]
+        for step, weights in ((2, per_step[1][key]), (3, last)):
+            d = min(decay, step / (9 + step))
+            average = d * average + (1 - d) * weights
+            if step == 2:
+                torch.testing.assert_close(at_step_2[key], average, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(saved[key], average, rtol=1e-5, atol=1e-7)
+    assert any(not torch.allclose(saved[k], per_step[-1][k]) for k in saved)  # the average is not the last step
 
 
 def test_two_process_torchrun_completes_and_writes_one_output(tmp_path):
