@@ -2,15 +2,16 @@
 
 - concept: a few purple stars (the demo model never saw purple nor a star) as "a sks shape";
   fidelity = fraction of "a sks shape" samples the demo scorer sees as a purple star.
-- styles "outlined" and "striped": ordinary colours and shapes drawn in that style, captioned
-  "a red circle, outlined"; fidelity = fraction of "<colour> <shape>, <style>" samples scored in that style
-  with the right colour and shape.
+- the style "striped": ordinary colours and shapes drawn striped, captioned "a red circle, striped";
+  fidelity = fraction of "<colour> <shape>, striped" samples scored striped with the right colour and shape.
 Both train with prior preservation on captioned drawings of the base world. Prior preservation is the
 accuracy (colour and shape right) on the base "a <colour> <shape>" prompts with the LoRA loaded, against the
 base model alone. Targets: fidelity >= 0.9, prior within 0.05 of the base, each training <= 5 minutes on
-2 CPU cores. `--save` copies the trained files to `assets/loras/` (star, outlined, striped).
+2 CPU cores. `--save` copies the trained files to `assets/loras/` (star, striped); with several `--seeds`, those of
+the first seed. A LoRA trained from another seed can score several points apart (see the README), so `--seeds 0 1 2`
+also reports each LoRA's mean and range over the seeds.
 
-Run: python bench/train_quality.py [--samples 64] [--save] [--only star|striped]
+Run: python bench/train_quality.py [--samples 64] [--seeds 0 ...] [--save] [--only star|striped]
 """
 
 from __future__ import annotations
@@ -46,8 +47,11 @@ SHIPPED_DIR = ROOT / "assets" / "loras"
 CONCEPT_RECIPE = dict(
     instance_prompt=CONCEPT_PROMPT,
     trigger_words="sks",
-    max_train_steps=1500,
+    max_train_steps=2000,
     learning_rate=1e-3,
+    # The weights' moving average, not the last step's: at a constant 1e-3 the last weights wander, and the star
+    # scored 93.8%, 85.9% and 75.0% from seeds 0, 1 and 2 after 1500 steps; their average after 2000, 90.6-95.3%.
+    ema_decay=0.995,
     rank=8,
     unet_targets=[
         "to_q",
@@ -75,6 +79,7 @@ RECIPES = {"star": CONCEPT_RECIPE} | {
         "learning_rate": 1e-3,
         "lr_scheduler": "cosine",  # constant 5e-4 gave 81% (1200 steps) and 55% (2400): the stripes came and went
         "lr_warmup_steps": 50,
+        "ema_decay": None,  # the schedule already settles the weights: the average scored the same (87.6%, 83.5%)
     }
     for style in STYLES
 }
@@ -125,7 +130,8 @@ def style_fidelity(pipeline, style: str, samples: int, steps: int) -> float:
     return right / total
 
 
-def run(kind: str, base: str, samples: int, steps: int, workdir: Path, base_prior: float) -> dict:
+def run(kind: str, seed: int, base: str, samples: int, steps: int, workdir: Path, base_prior: float) -> dict:
+    workdir = workdir / f"seed-{seed}"
     images = workdir / kind / "images"
     draw_training_images(kind, images)
     recipe = dict(RECIPES[kind])
@@ -133,7 +139,7 @@ def run(kind: str, base: str, samples: int, steps: int, workdir: Path, base_prio
         recipe["class_dir"] = workdir / kind / "class"
         draw_regularization_images(recipe["class_dir"])
     config = TrainConfig(base=base, instance_dir=images, output_dir=workdir / kind / "out", report_to="none",
-                         checkpointing_steps=10**9, **recipe)  # fmt: skip
+                         checkpointing_steps=10**9, seed=seed, **recipe)  # fmt: skip
     started = time.perf_counter()
     result = train(config)
     wall = time.perf_counter() - started
@@ -147,6 +153,7 @@ def run(kind: str, base: str, samples: int, steps: int, workdir: Path, base_prio
     prior = base_accuracy(pipeline, samples, steps)
     return {
         "lora": kind,
+        "seed": seed,
         "fidelity": round(fidelity, 3),
         "prior_accuracy_with_lora": round(prior, 3),
         "prior_accuracy_base": round(base_prior, 3),
@@ -165,24 +172,44 @@ def main() -> None:
     parser.add_argument("--base", default="demo", help="base model (default: the demo model)")
     parser.add_argument("--samples", type=int, default=64, help="seeded samples per prompt (64: +-4 points)")
     parser.add_argument("--steps", type=int, default=20, help="inference steps per sample")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds (default: 0)")
     parser.add_argument("--only", choices=list(RECIPES), help="train and score one LoRA only")
     parser.add_argument("--save", action="store_true", help="copy the trained LoRAs to assets/loras/")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as workdir:
         base_prior = base_accuracy(load_base(args.base, device="cpu").pipeline, args.samples, args.steps)
-        reports = []
+        reports, spreads = [], []
         for kind in [args.only] if args.only else list(RECIPES):
-            report = run(kind, args.base, args.samples, args.steps, Path(workdir), base_prior)
-            report["fidelity_target_met"] = report["fidelity"] >= 0.9
-            report["prior_target_met"] = report["prior_drop"] <= 0.05
-            if args.save:
-                shipped = SHIPPED_DIR / f"{kind}.safetensors"
-                shipped.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(report["file"], shipped)
-                report["file"] = str(shipped.relative_to(ROOT))
-            reports.append(report)
-    print(json.dumps({"samples_per_prompt": args.samples, "inference_steps": args.steps, "loras": reports}, indent=2))
+            for seed in args.seeds:
+                report = run(kind, seed, args.base, args.samples, args.steps, Path(workdir), base_prior)
+                report["fidelity_target_met"] = report["fidelity"] >= 0.9
+                report["prior_target_met"] = report["prior_drop"] <= 0.05
+                if args.save and seed == args.seeds[0]:
+                    shipped = SHIPPED_DIR / f"{kind}.safetensors"
+                    shipped.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(report["file"], shipped)
+                    report["file"] = str(shipped.relative_to(ROOT))
+                reports.append(report)
+            if len(args.seeds) > 1:
+                spreads.append(seed_spread(kind, reports[-len(args.seeds):]))
+    summary = {"samples_per_prompt": args.samples, "inference_steps": args.steps, "loras": reports}
+    if spreads:
+        summary["over_seeds"] = spreads
+    print(json.dumps(summary, indent=2))
+
+
+def seed_spread(kind: str, reports: list[dict]) -> dict:
+    """Mean and range of one LoRA's scores over its training seeds."""
+    fidelities = [r["fidelity"] for r in reports]
+    return {
+        "lora": kind,
+        "seeds": [r["seed"] for r in reports],
+        "fidelity_mean": round(sum(fidelities) / len(fidelities), 3),
+        "fidelity_min": min(fidelities),
+        "fidelity_max": max(fidelities),
+        "prior_drop_max": max(r["prior_drop"] for r in reports),
+    }
 
 
 if __name__ == "__main__":
