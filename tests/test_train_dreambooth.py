@@ -23,9 +23,9 @@ from safetensors.torch import load_file
 
 from studio import demo_world
 from studio.base import load_base
+from studio.errors import StudioError
 from studio.tiny import tiny_sd_pipeline, tiny_sdxl_pipeline
 from studio.train_config import TrainConfig
-from studio.errors import StudioError
 from studio.train_dreambooth import LORA_FILE, RUN_FILE, denoising_target, diffusion_loss, main, train
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
