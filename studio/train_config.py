@@ -130,6 +130,11 @@ class TrainConfig:
     )
     snr_gamma: float | None = _option(None, "min-SNR weighting gamma (5.0 is usual); off when unset")
     noise_offset: float = _option(0.0, "noise offset (0.05-0.1 helps very dark or bright images)")
+    min_timestep: int = _option(0, "lowest noise timestep trained on (kohya's --min_timestep)")
+    max_timestep: int | None = _option(
+        None, "train only on timesteps below this one (kohya's --max_timestep; e.g. 600 for a style: the low-noise "
+        "steps draw textures, the noisy ones decide colour and shape); default: all the scheduler's timesteps"
+    )
     mixed_precision: str = _option("no", "mixed precision", choices=MIXED_PRECISIONS)
     gradient_checkpointing: bool = _option(False, "trade compute for memory")
     seed: int = _option(0, "random seed: the same seed and options give the same LoRA")
@@ -183,6 +188,11 @@ class TrainConfig:
             raise StudioError(f"--caption-dropout-rate {self.caption_dropout_rate}: must be in [0, 1)")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise StudioError(f"--ema-decay {self.ema_decay}: must be between 0 and 1")
+        if self.min_timestep < 0 or self.max_timestep is not None and self.max_timestep <= self.min_timestep:
+            raise StudioError(
+                f"--min-timestep {self.min_timestep} / --max-timestep {self.max_timestep}: "
+                "need 0 <= min < max (max is excluded)"
+            )
         if self.loraplus_lr_ratio is not None and self.loraplus_lr_ratio < 1.0:
             raise StudioError(f"--loraplus-lr-ratio {self.loraplus_lr_ratio}: must be at least 1")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
@@ -227,6 +237,15 @@ class TrainConfig:
     def run_identity(self) -> dict[str, Any]:
         """The options that decide what is learned: two runs with equal identities are the same run."""
         return {k: v for k, v in self.to_dict().items() if k not in NOT_PART_OF_RUN}
+
+
+def option_defaults() -> dict[str, Any]:
+    """Each option's default value (list options included): what a run described before that option existed used."""
+    return {
+        option.name: option.default if option.default_factory is MISSING else option.default_factory()
+        for option in fields(TrainConfig)
+        if not _required(option)
+    }
 
 
 def _name_list(value: str | list[str]) -> list[str]:

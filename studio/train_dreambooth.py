@@ -55,7 +55,7 @@ from studio.data import (
     scan_images,
 )
 from studio.errors import StudioError
-from studio.train_config import TrainConfig, parse_config
+from studio.train_config import TrainConfig, option_defaults, parse_config
 
 logger = logging.getLogger("studio.train_dreambooth")
 
@@ -118,6 +118,13 @@ def train(config: TrainConfig, base: BaseModel | None = None) -> TrainResult:
     noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
     if noise_scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
         raise StudioError(f"{config.base}: cannot train a {noise_scheduler.config.prediction_type!r}-prediction model")
+    num_timesteps = noise_scheduler.config.num_train_timesteps
+    timestep_range = (config.min_timestep, config.max_timestep or num_timesteps)
+    if not timestep_range[0] < timestep_range[1] <= num_timesteps:
+        raise StudioError(
+            f"--min-timestep {config.min_timestep} / --max-timestep {config.max_timestep}: "
+            f"{config.base} trains on timesteps 0 to {num_timesteps - 1}"
+        )
     resolution = config.resolution or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
     for module in (unet, vae, *text_encoders):
         module.requires_grad_(False)
@@ -234,9 +241,7 @@ def train(config: TrainConfig, base: BaseModel | None = None) -> TrainResult:
                     noise += config.noise_offset * torch.randn(
                         (latents.shape[0], latents.shape[1], 1, 1), device=latents.device, dtype=latents.dtype
                     )
-                timesteps = torch.randint(
-                    0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device
-                )
+                timesteps = torch.randint(*timestep_range, (latents.shape[0],), device=latents.device)
                 noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
 
                 if prompt_cache is not None:
@@ -354,8 +359,8 @@ def check_output_dir(config: TrainConfig) -> None:
         previous = json.loads(run_file.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         raise StudioError(f"{run_file}: unreadable run description; pick a new or empty output dir") from None
-    current = config.run_identity()
-    differing = sorted(k for k in current if previous.get(k) != current[k])
+    current, defaults = config.run_identity(), option_defaults()
+    differing = sorted(k for k in current if previous.get(k, defaults.get(k)) != current[k])
     if differing:
         raise StudioError(
             f"{folder}: output dir holds a different run ({', '.join(differing)} differ); pick a new output dir"

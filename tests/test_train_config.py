@@ -104,6 +104,8 @@ def test_missing_required_options_are_named():
         ({"dora": True, "init": "pissa"}, "--dora cannot"),
         ({"loraplus_lr_ratio": 0.5}, "at least 1"),
         ({"ema_decay": 1.0}, "--ema-decay 1.0"),
+        ({"min_timestep": 600, "max_timestep": 600}, "need 0 <= min < max"),
+        ({"min_timestep": -1}, "--min-timestep -1"),
         ({"with_prior_preservation": True}, "--class-prompt"),
         ({"optimizer": "sgd"}, "adamw"),
     ],

@@ -26,7 +26,15 @@ from studio.base import load_base
 from studio.errors import StudioError
 from studio.tiny import tiny_sd_pipeline, tiny_sdxl_pipeline
 from studio.train_config import TrainConfig
-from studio.train_dreambooth import LORA_FILE, RUN_FILE, denoising_target, diffusion_loss, main, train
+from studio.train_dreambooth import (
+    LORA_FILE,
+    RUN_FILE,
+    check_output_dir,
+    denoising_target,
+    diffusion_loss,
+    main,
+    train,
+)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "a sks shape"
@@ -453,6 +461,25 @@ def test_min_snr_weighting_of_velocity_on_a_zero_terminal_snr_schedule_is_finite
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-7)
 
 
+def test_timesteps_are_drawn_only_from_the_range_asked_for(tmp_path, monkeypatch):
+    draw_images(tmp_path / "images", [(64, 64), (64, 64)])
+    drawn: list[int] = []
+    add_noise = DDPMScheduler.add_noise
+
+    def recording_add_noise(self, latents, noise, timesteps):
+        drawn.extend(timesteps.tolist())
+        return add_noise(self, latents, noise, timesteps)
+
+    monkeypatch.setattr(DDPMScheduler, "add_noise", recording_add_noise)
+    train(options(tmp_path, max_train_steps=40, train_batch_size=2, min_timestep=300, max_timestep=310))
+    assert len(drawn) == 80
+    assert min(drawn) >= 300 and max(drawn) <= 309
+    assert len(set(drawn)) > 5  # drawn over the range, not one fixed step
+
+    with pytest.raises(StudioError, match="tiny-sd trains on timesteps 0 to 999"):
+        train(options(tmp_path, output_dir=tmp_path / "too-far", max_timestep=1001))
+
+
 def test_a_diverging_run_stops_with_an_error_instead_of_saving_a_nan_lora(tmp_path):
     draw_images(tmp_path / "images", [(64, 64)])
     with pytest.raises(StudioError, match=r"training diverged at step \d+ .*--learning-rate"):
@@ -541,6 +568,17 @@ def test_missing_optional_optimizer_package_is_named(tmp_path, capsys, no_model_
     ]
     assert main(argv + ["--optimizer", "prodigy"]) == 2
     assert "pip install prodigyopt" in capsys.readouterr().err
+
+
+def test_a_run_described_before_an_option_existed_is_the_same_run_with_its_default(tmp_path):
+    draw_images(tmp_path / "images", [(64, 64)])
+    (tmp_path / "out").mkdir()
+    older = options(tmp_path).to_dict()
+    del older["min_timestep"], older["max_timestep"]  # options added after that run was written
+    (tmp_path / "out" / RUN_FILE).write_text(json.dumps(older))
+    check_output_dir(options(tmp_path))
+    with pytest.raises(StudioError, match=r"different run \(min_timestep differ\)"):
+        check_output_dir(options(tmp_path, min_timestep=100))
 
 
 def test_cli_exits_2_with_one_line_on_bad_input(tmp_path):
