@@ -75,8 +75,8 @@ RECIPES = {"star": CONCEPT_RECIPE} | {
         **CONCEPT_RECIPE,
         "instance_prompt": f"a shape, {style}",
         "trigger_words": style,
-        # Past 1000 steps the stripes leak into the plain prompts (all timesteps trained): at 1200 the prior fell by up to 8.5 points
-        # (seeds 0-2: 87.8/82.7/86.1% striped), at 1000 by at most 4.4 (88.9/83.3/90.1%), at 2400 by 17 (68%).
+        # Past 1000 steps the stripes leak into the plain prompts (all timesteps trained): at 1200 the prior fell by up
+        # to 8.5 points (seeds 0-2: 87.8/82.7/86.1% striped), at 1000 by 4.4 (88.9/83.3/90.1%), at 2400 by 17 (68%).
         "max_train_steps": 1000,
         "learning_rate": 1e-3,
         "lr_scheduler": "cosine",  # constant 5e-4 gave 81% (1200 steps) and 55% (2400): the stripes came and went
