@@ -524,7 +524,10 @@ def build_optimizer(config: TrainConfig, optimizer_class, trained: dict[str, tor
             )  # fmt: skip
             groups += [g for g in loraplus.param_groups if g["params"]]
     if optimizer_class is torch.optim.AdamW:
-        kwargs["foreach"] = True  # one fused update over all LoRA tensors (torch picks it on GPUs, not on CPUs)
+        # One fused kernel for all LoRA tensors where torch has one (CPU, CUDA); else one grouped update. On CPU,
+        # for tiny-sd's 96 LoRA tensors: 0.65 ms a step, against 1.5-1.8 ms grouped and 2.7 ms tensor by tensor.
+        fused = all(p.device.type in ("cpu", "cuda") for group in groups for p in group["params"])
+        kwargs["fused" if fused else "foreach"] = True
     return optimizer_class(groups, lr=config.learning_rate, **kwargs)
 
 
