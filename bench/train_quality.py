@@ -42,8 +42,8 @@ SHIPPED_DIR = ROOT / "assets" / "loras"
 # the star came out purple but square), with prior preservation on captioned drawings of the base world
 # ("regularization images", as kohya users do) whose captions are dropped 20% of the time: that anchors the
 # unconditional branch classifier-free guidance subtracts; without it the prior fell from 99% to about 60%.
-# The outlined style did not reach 10% fidelity with this recipe (thin outlines come out thick, and the scorer
-# reads them as stripes), so the style LoRA shipped is "striped".
+# The outlined style did not reach 10% fidelity with this recipe nor with the striped one below (7.2%: thin outlines
+# come out thick, and the scorer reads them as stripes), so the style LoRA shipped is "striped".
 CONCEPT_RECIPE = dict(
     instance_prompt=CONCEPT_PROMPT,
     trigger_words="sks",
