@@ -758,6 +758,10 @@ def _train_tab(app: StudioApp, library_version: gr.Number, train_tab: gr.Tab) ->
                     validation_steps = gr.Number(label="Validation every N steps", value=100, precision=0, minimum=1)
                     num_validation_images = gr.Number(label="Validation images", value=2, precision=0, minimum=1)
                     inference_steps = gr.Number(label="Validation denoising steps", value=25, precision=0, minimum=1)
+                max_timestep = gr.Number(
+                    label="Train only on timesteps below (0 = all; about 600 for a style: textures, not shapes)",
+                    value=0, precision=0, minimum=0, maximum=1000,
+                )  # fmt: skip
                 with gr.Row():
                     random_flip = gr.Checkbox(label="random horizontal flip", value=False)
                     export_kohya = gr.Checkbox(label="also write a kohya copy (A1111/ComfyUI)", value=False)
@@ -777,7 +781,7 @@ def _train_tab(app: StudioApp, library_version: gr.Number, train_tab: gr.Tab) ->
     def start_training(
         name, images, dataset, instance_prompt, validation_prompt, max_train_steps, learning_rate, rank, unet_targets,
         train_text_encoder, text_encoder_targets, resolution, train_batch_size, repeats, seed, validation_steps,
-        num_validation_images, inference_steps, random_flip, export_kohya,
+        num_validation_images, inference_steps, max_timestep, random_flip, export_kohya,
     ):  # fmt: skip
         options = {
             "instance_prompt": instance_prompt, "validation_prompt": validation_prompt or None,
@@ -786,7 +790,8 @@ def _train_tab(app: StudioApp, library_version: gr.Number, train_tab: gr.Tab) ->
             "text_encoder_targets": text_encoder_targets if train_text_encoder else None,
             "resolution": resolution or None, "train_batch_size": train_batch_size, "repeats": repeats, "seed": seed,
             "validation_steps": validation_steps, "num_validation_images": num_validation_images,
-            "inference_steps": inference_steps, "random_flip": random_flip, "export_kohya": export_kohya,
+            "inference_steps": inference_steps, "max_timestep": max_timestep or None, "random_flip": random_flip,
+            "export_kohya": export_kohya,
             "checkpointing_steps": max_train_steps,  # the UI keeps no resumable checkpoints: they cost time and disk
         }  # fmt: skip
         return app.start_training(name, images, dataset, options), gr.Timer(active=True)
@@ -804,7 +809,8 @@ def _train_tab(app: StudioApp, library_version: gr.Number, train_tab: gr.Tab) ->
 
     settings = [name, images, dataset, instance_prompt, validation_prompt, max_train_steps, learning_rate, rank,
                 unet_targets, train_text_encoder, text_encoder_targets, resolution, train_batch_size, repeats, seed,
-                validation_steps, num_validation_images, inference_steps, random_flip, export_kohya]  # fmt: skip
+                validation_steps, num_validation_images, inference_steps, max_timestep, random_flip,
+                export_kohya]  # fmt: skip
     outputs = [progress, validation, log, poll, library_version]
     start.click(_shown(start_training), settings, [progress, poll], api_name="train")
     cancel.click(_shown(app.cancel_training), None, progress, api_name="cancel_training").then(

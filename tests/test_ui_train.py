@@ -1,6 +1,7 @@
 """The Train tab through `gradio_client`: the trainer runs in its own process, reports progress and
 validation images, refuses a second start, can be cancelled, and its LoRA lands in the library."""
 
+import json
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from ports import free_port
 from studio.adapters import Studio
 from studio.demo_world import draw_shape
 from studio.paths import DEMO_MODEL_DIR
+from studio.train_dreambooth import RUN_FILE
 from studio.ui import StudioApp, UIOptions, build_app, launch
 
 BASE = "demo" if (DEMO_MODEL_DIR / "model_index.json").is_file() else "tiny-sd"
@@ -50,7 +52,8 @@ def train_settings(images, name, steps, **changes):
         "validation_prompt": "a sks shape", "max_train_steps": steps, "learning_rate": 1e-3, "rank": 2,
         "unet_targets": ["to_k", "to_v"], "train_text_encoder": False, "text_encoder_targets": ["q_proj"],
         "resolution": 0, "train_batch_size": 1, "repeats": 1, "seed": 0, "validation_steps": 1,
-        "num_validation_images": 1, "inference_steps": 1, "random_flip": False, "export_kohya": False,
+        "num_validation_images": 1, "inference_steps": 1, "max_timestep": 0, "random_flip": False,
+        "export_kohya": False,
     }  # fmt: skip
     settings.update(changes)
     return settings
@@ -58,7 +61,7 @@ def train_settings(images, name, steps, **changes):
 
 def test_training_reports_progress_refuses_a_second_start_and_adds_the_lora(served, instance_images):
     app, client = served
-    client.predict(**train_settings(instance_images, "sks", steps=2), api_name="/train")
+    client.predict(**train_settings(instance_images, "sks", steps=2, max_timestep=600), api_name="/train")
     with pytest.raises(AppError, match="already running"):
         client.predict(**train_settings(instance_images, "other", steps=2), api_name="/train")
 
@@ -69,6 +72,9 @@ def test_training_reports_progress_refuses_a_second_start_and_adds_the_lora(serv
     assert len(validation) == 2  # one image at step 1 and one at step 2
     captions = sorted(item["caption"] for item in validation)
     assert captions == ["step-000001-0", "step-000002-0"]
+
+    run = json.loads((status.lora.parent / RUN_FILE).read_text())
+    assert (run["min_timestep"], run["max_timestep"]) == (0, 600)  # the style setting reached the trainer
 
     run_images = sorted(p.name for p in (status.lora.parent.parent / "instance-images").iterdir())
     assert run_images == ["star_0.png", "star_0.txt", "star_1.png", "star_2.png"]  # safe names, caption kept beside
