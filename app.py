@@ -16,6 +16,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--base-config", default=None, help="diffusers folder describing a single-file --base offline")
     parser.add_argument(
+        "--allow-pickle", action="store_true", help="accept a .ckpt/.pt/.bin --base (torch's weights-only loader)"
+    )
+    parser.add_argument(
         "--lora-dir", type=Path, default=Path("loras"),
         help="folder of LoRA files (default: ./loras; on the demo model a new folder starts with the demo LoRAs)",
     )
@@ -47,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         options = UIOptions(
             lora_dir=args.lora_dir, out_dir=args.out_dir, max_upload_bytes=int(args.max_upload_mb * 1024**2)
         )
-        app = StudioApp(Studio.from_base(args.base, config=args.base_config), options)
+        app = StudioApp(Studio.from_base(args.base, config=args.base_config, allow_pickle=args.allow_pickle), options)
     except StudioError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -94,6 +94,8 @@ class Plan:
     batch_size: int = 1
     dtype: str | None = None
     scheduler: str | None = None  # required scheduler class (an image being reproduced)
+    base_config: str | None = None  # config folder for a single-file base (see `studio.base.load_base`)
+    allow_pickle: bool = False  # accept a .ckpt/.pt/.bin base
 
 
 # Planning ----------------------------------------------------------------------------------------------
@@ -259,7 +261,9 @@ def execute(plan: Plan, overwrite: bool = False) -> list[Path]:
     """Load the base and every adapter once, check every input and existing file, then render this
     process's share of the images not yet written, and (main process) draw the grids."""
     state = _process_state()
-    studio = Studio.from_base(plan.base, device=state.device, dtype=plan.dtype)
+    studio = Studio.from_base(
+        plan.base, device=state.device, dtype=plan.dtype, config=plan.base_config, allow_pickle=plan.allow_pickle
+    )
     scheduler = type(studio.pipeline.scheduler).__name__
     if plan.scheduler and plan.scheduler != scheduler:
         raise StudioError(f"{plan.base}: its scheduler is {scheduler}, but the image was rendered with {plan.scheduler}")
@@ -494,6 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--batch-size", type=int, metavar="N", help="images per pipeline call when only their seeds differ (default 1)")
     common.add_argument("--fuse", action="store_true", help="fuse each blend into the weights: faster, results differ in the last bits")
     common.add_argument("--overwrite", action="store_true", help="replace images written earlier with other settings")
+    common.add_argument("--base-config", metavar="DIR", help="diffusers folder (or cached hub id) describing a single-file base; needed offline")
+    common.add_argument("--allow-pickle", action="store_true", help="accept a .ckpt/.pt/.bin base (read with torch's weights-only loader)")
     return parser
 
 
@@ -501,7 +507,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        plan = _plan_from_args(parser, args)
+        plan = dataclasses.replace(
+            _plan_from_args(parser, args), base_config=args.base_config, allow_pickle=args.allow_pickle
+        )
         for path in execute(plan, overwrite=args.overwrite):
             print(path, flush=True)
     except StudioError as error:

@@ -10,11 +10,11 @@ the output folder) are the trainer's, and still run before any model is loaded.
 from __future__ import annotations
 
 import argparse
+import tomllib
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import tomllib
 import yaml
 from diffusers.optimization import SchedulerType
 
@@ -42,6 +42,7 @@ NOT_PART_OF_RUN = frozenset({
     "output_dir", "resume_from_checkpoint", "max_train_steps", "checkpointing_steps", "checkpoints_total_limit",
     "validation_prompt", "validation_steps", "num_validation_images", "report_to", "export_kohya",
     "cache_latents", "cache_prompt_embeddings", "dataloader_num_workers", "gradient_checkpointing",
+    "base_config", "allow_pickle",
 })  # fmt: skip
 
 
@@ -62,6 +63,13 @@ class TrainConfig:
     instance_prompt: str = _option(help='prompt for images without a caption file, e.g. "a photo of sks dog"')
     output_dir: Path = _option(help="where the LoRA, checkpoints and validation images go")
     base: str = _option("demo", "base model: demo, tiny-sd, tiny-sdxl, a hub id, a diffusers folder or a .safetensors")
+    base_config: str | None = _option(
+        None, "for a single-file --base: a diffusers folder (or cached hub id) whose configs describe it; "
+        "needed offline"
+    )
+    allow_pickle: bool = _option(
+        False, "accept a .ckpt/.pt/.bin --base (pickle files, read with torch's weights-only loader)"
+    )
     trigger_words: str | None = _option(
         None, "comma-separated trigger words stored in the LoRA (default: the instance prompt)"
     )

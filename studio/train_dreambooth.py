@@ -106,11 +106,13 @@ def train(config: TrainConfig, base: BaseModel | None = None) -> TrainResult:
     optimizer_class = optimizer_class_for(config.optimizer)
 
     accelerator = make_accelerator(config)
-    set_seed(config.seed, device_specific=True)
 
     # 2. Load the base model; its scheduler's config says epsilon or v-prediction.
     if base is None:
-        base = load_base(config.base, device=accelerator.device, dtype=torch.float32)
+        base = load_base(
+            config.base, device=accelerator.device, dtype=torch.float32, config=config.base_config,
+            allow_pickle=config.allow_pickle,
+        )
     pipeline = base.pipeline
     unet, vae = pipeline.unet, pipeline.vae
     text_encoders = [pipeline.text_encoder] + ([pipeline.text_encoder_2] if base.family == "sdxl" else [])
@@ -128,6 +130,9 @@ def train(config: TrainConfig, base: BaseModel | None = None) -> TrainResult:
     resolution = config.resolution or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
     for module in (unet, vae, *text_encoders):
         module.requires_grad_(False)
+    # Seeded only now: loading may draw from the global RNG or reseed it (the tiny pipelines do), and the
+    # adapters' initial weights and the noise must depend on --seed alone, not on how the base was loaded.
+    set_seed(config.seed, device_specific=True)
 
     # 3. Prior preservation: generate the class images the class folder lacks, with the untouched base.
     if config.with_prior_preservation:

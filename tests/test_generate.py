@@ -16,6 +16,7 @@ from ports import free_port
 
 from studio.a1111 import LoraTag, format_infotext, format_lora_tag, parse_infotext, parse_lora_hashes, split_lora_tags
 from studio.adapters import Studio
+from studio.checkpoint import ldm_state_dict, save_single_file
 from studio.errors import StudioError
 from studio.generate import main, run_recipe
 from studio.pngmeta import read_png_metadata
@@ -372,3 +373,27 @@ def test_infotext_round_trips_multiline_prompts_and_quoted_values():
     info = parse_infotext(text)
     assert (info["Prompt"], info["Negative prompt"], info["CFG scale"]) == ("a red circle\non white", "blurry,\ndark", "7")
     assert parse_lora_hashes(info["Lora hashes"]) == {"a": "0123456789ab", "b": "ba9876543210"}
+
+
+def test_single_file_bases_render_with_their_config_and_pickles_only_when_allowed(tmp_path, capsys):
+    original = tiny_sd_pipeline()
+    original.save_pretrained(tmp_path / "config")
+    checkpoint = save_single_file(original, tmp_path / "model.safetensors")
+    pickled = tmp_path / "model.ckpt"
+    torch.save({"state_dict": ldm_state_dict(original)}, pickled)
+    flags = ["--prompt", "a red circle", "--steps", "2", "--width", "16", "--height", "16", "--name", "x"]
+
+    assert main(flags + ["--base", "tiny-sd", "--out", str(tmp_path / "direct")]) == 0
+    expected = pixels(tmp_path / "direct" / "x-s0.png")
+    config = ["--base-config", str(tmp_path / "config")]
+    assert main(flags + ["--base", str(checkpoint), *config, "--out", str(tmp_path / "single")]) == 0
+    assert np.array_equal(pixels(tmp_path / "single" / "x-s0.png"), expected)
+    assert main(flags + ["--base", str(pickled), *config, "--out", str(tmp_path / "refused")]) == 2
+    assert "pickles that can run code" in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()
+    assert main(flags + ["--base", str(pickled), *config, "--allow-pickle", "--out", str(tmp_path / "pickled")]) == 0
+    assert np.array_equal(pixels(tmp_path / "pickled" / "x-s0.png"), expected)
+    # a re-render names the checkpoint; its config is given again, as the first render needed it
+    again = ["--from-image", str(tmp_path / "single" / "x-s0.png"), "--out", str(tmp_path / "again")]
+    assert main(again + config) == 0
+    assert np.array_equal(pixels(tmp_path / "again" / "x-s0.png"), expected)

@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 
 from studio import demo_world
 from studio.base import load_base
+from studio.checkpoint import ldm_state_dict, save_single_file
 from studio.errors import StudioError
 from studio.tiny import tiny_sd_pipeline, tiny_sdxl_pipeline
 from studio.train_config import TrainConfig
@@ -587,3 +588,34 @@ def test_cli_exits_2_with_one_line_on_bad_input(tmp_path):
     done = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'nope'}: instance folder not found"
+
+
+def test_trains_on_single_file_checkpoints_as_on_the_pipeline_they_hold(tmp_path, capsys):
+    """A civitai-style .safetensors (with --base-config, as offline needs) and an opted-in .ckpt hold the
+    tiny SD's weights: training on them gives the very LoRA that training on tiny-sd itself gives."""
+    draw_images(tmp_path / "images", [(64, 64), (64, 64)])
+    original = tiny_sd_pipeline()
+    original.save_pretrained(tmp_path / "config")
+    checkpoint = save_single_file(original, tmp_path / "model.safetensors")
+    pickled = tmp_path / "model.ckpt"
+    torch.save({"state_dict": ldm_state_dict(original)}, pickled)
+    common = ["--instance-dir", str(tmp_path / "images"), "--instance-prompt", PROMPT, "--max-train-steps", "2",
+              "--report-to", "none", "--learning-rate", "1e-2", "--base-config", str(tmp_path / "config")]  # fmt: skip
+
+    assert main(common + ["--base", "tiny-sd", "--output-dir", str(tmp_path / "direct")]) == 0
+    assert main(common + ["--base", str(checkpoint), "--output-dir", str(tmp_path / "single")]) == 0
+    assert main(common + ["--base", str(pickled), "--output-dir", str(tmp_path / "refused")]) == 2
+    assert "pickles that can run code" in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()
+    assert main(common + ["--base", str(pickled), "--allow-pickle", "--output-dir", str(tmp_path / "pickled")]) == 0
+
+    expected = load_file(tmp_path / "direct" / LORA_FILE)
+    assert any(tensor.abs().max() > 0 for key, tensor in expected.items() if "lora_B" in key)
+    assert main(common + ["--base", "tiny-sd", "--seed", "1", "--output-dir", str(tmp_path / "seed1")]) == 0
+    other_seed = load_file(tmp_path / "seed1" / LORA_FILE)
+    assert not any(torch.equal(other_seed[key], expected[key]) for key in expected)  # --seed decides, not the loader
+    for run in ("single", "pickled"):
+        trained = load_file(tmp_path / run / LORA_FILE)
+        assert trained.keys() == expected.keys()
+        for key in expected:
+            assert torch.equal(trained[key], expected[key]), (run, key)

@@ -19,6 +19,7 @@ import app as app_cli
 from studio.a1111 import parse_infotext
 from studio.adapters import Studio
 from studio.base import load_base
+from studio.checkpoint import ldm_state_dict
 from studio.errors import StudioError
 from studio.paths import DEMO_MODEL_DIR
 from studio.pngmeta import read_png_metadata
@@ -269,6 +270,22 @@ def test_app_reports_a_bad_base_in_one_line_and_exits_2(tmp_path, capsys):
     )
     error = capsys.readouterr().err
     assert error.startswith("error: ") and "missing" in error and error.count("\n") == 1
+
+
+def test_app_opens_a_pickled_base_only_when_allowed(tmp_path, capsys, monkeypatch):
+    original = load_base("tiny-sd", device="cpu").pipeline
+    original.save_pretrained(tmp_path / "config")
+    pickled = tmp_path / "model.ckpt"
+    torch.save({"state_dict": ldm_state_dict(original)}, pickled)
+    launched = []
+    monkeypatch.setattr("studio.ui.launch", lambda blocks, app, **kwargs: launched.append(app))
+    flags = ["--base", str(pickled), "--base-config", str(tmp_path / "config"), "--lora-dir", str(tmp_path / "l"),
+             "--out-dir", str(tmp_path / "o")]  # fmt: skip
+    assert app_cli.main(flags) == 2
+    assert "pickles that can run code" in capsys.readouterr().err and not launched
+    assert app_cli.main(flags + ["--allow-pickle"]) == 0
+    [app] = launched
+    assert torch.equal(app.studio.pipeline.unet.conv_in.weight, original.unet.conv_in.weight)
 
 
 def test_app_refuses_a_malformed_auth(tmp_path, capsys):
