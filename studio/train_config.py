@@ -2,9 +2,11 @@
 
 Every field is one option. Its flag is the field name with dashes (`--max-train-steps`); the underscore
 spelling that diffusers' docs use (`--max_train_steps`) works too, and so do both spellings as keys of a
-`--config` file. Precedence: defaults < config file < command line. Value checks live in `__post_init__`,
-so a `TrainConfig` built from code is checked the same way; checks that need the disk (folders, images,
-the output folder) are the trainer's, and still run before any model is loaded.
+`--config` file. Where diffusers' or kohya's scripts name the same option differently, that name works as
+well (`--pretrained_model_name_or_path`, `--instance_data_dir`, `--network_dim`, ...); their flags that have
+no equivalent here get a one-line hint saying what to use. Precedence: defaults < config file < command line.
+Value checks live in `__post_init__`, so a `TrainConfig` built from code is checked the same way; checks that
+need the disk (folders, images, the output folder) are the trainer's, and still run before any model is loaded.
 """
 
 from __future__ import annotations
@@ -45,6 +47,27 @@ NOT_PART_OF_RUN = frozenset({
     "base_config", "allow_pickle",
 })  # fmt: skip
 
+# Flags of diffusers' train_dreambooth_lora*.py and kohya's train_network.py that have no option here, with
+# what to do instead: a user pasting their command learns it in one line.
+FOREIGN_FLAG_HINTS = {
+    "num_train_epochs": "this trainer counts optimizer steps: use --max-train-steps",
+    "max_train_epochs": "this trainer counts optimizer steps: use --max-train-steps",
+    "validation_epochs": "this trainer counts optimizer steps: use --validation-steps",
+    "save_every_n_epochs": "this trainer counts optimizer steps: use --checkpointing-steps",
+    "push_to_hub": "this trainer does not upload: the LoRA is written to --output-dir",
+    "hub_model_id": "this trainer does not upload: the LoRA is written to --output-dir",
+    "hub_token": "this trainer does not upload: the LoRA is written to --output-dir",
+    "pretrained_vae_model_name_or_path": "not needed: the VAE stays in float32 while training, so fp16 cannot "
+    "overflow it",
+    "enable_xformers_memory_efficient_attention": "not needed: PyTorch's scaled-dot-product attention is used",
+    "xformers": "not needed: PyTorch's scaled-dot-product attention is used",
+    "pre_compute_text_embeddings": "on by default: prompt embeddings are cached while the text encoders are "
+    "frozen (--cache-prompt-embeddings)",
+    "scale_lr": "give the scaled rate itself as --learning-rate",
+    "network_module": "not needed: this trainer always trains LoRA (peft); see --dora and --init for variants",
+    "train_data_dir": "use --instance-dir (one folder of images, NAME.txt captions beside them) and --repeats",
+}
+
 
 def _option(default: Any = MISSING, help: str = "", **metadata: Any) -> Any:
     if default is MISSING:
@@ -59,10 +82,16 @@ class TrainConfig:
     """All DreamBooth LoRA options; the `help` of each field is its `--help` text."""
 
     # What to learn
-    instance_dir: Path = _option(help="folder of images of the subject; a NAME.txt beside NAME.png is its caption")
+    instance_dir: Path = _option(
+        help="folder of images of the subject; a NAME.txt beside NAME.png is its caption",
+        aliases=("instance_data_dir",),
+    )
     instance_prompt: str = _option(help='prompt for images without a caption file, e.g. "a photo of sks dog"')
     output_dir: Path = _option(help="where the LoRA, checkpoints and validation images go")
-    base: str = _option("demo", "base model: demo, tiny-sd, tiny-sdxl, a hub id, a diffusers folder or a .safetensors")
+    base: str = _option(
+        "demo", "base model: demo, tiny-sd, tiny-sdxl, a hub id, a diffusers folder or a .safetensors",
+        aliases=("pretrained_model_name_or_path",),
+    )
     base_config: str | None = _option(
         None, "for a single-file --base: a diffusers folder (or cached hub id) whose configs describe it; "
         "needed offline"
@@ -76,7 +105,9 @@ class TrainConfig:
 
     # Prior preservation
     with_prior_preservation: bool = _option(False, "also train on class images so the class keeps its look")
-    class_dir: Path | None = _option(None, "folder of class images; missing ones are generated with the base model")
+    class_dir: Path | None = _option(
+        None, "folder of class images; missing ones are generated with the base model", aliases=("class_data_dir",)
+    )
     class_prompt: str | None = _option(None, 'prompt for the class images, e.g. "a photo of a dog"')
     num_class_images: int = _option(100, "how many class images to use (generated if the folder holds fewer)")
     prior_loss_weight: float = _option(1.0, "weight of the class-image loss")
@@ -87,7 +118,7 @@ class TrainConfig:
         None, "training resolution in pixels, a multiple of 8 (default: the base model's native size)"
     )
     crop: str = _option("center", "how images are cropped to the resolution or bucket", choices=CROPS)
-    random_flip: bool = _option(False, "flip images horizontally at random")
+    random_flip: bool = _option(False, "flip images horizontally at random", aliases=("flip_aug",))
     buckets: str | None = _option(None, 'aspect-ratio buckets: "auto", or "height,width;height,width;..." in pixels')
     repeats: int = _option(1, "how many times each instance image appears in an epoch")
     caption_dropout_rate: float = _option(
@@ -96,9 +127,9 @@ class TrainConfig:
     )
 
     # LoRA
-    rank: int = _option(4, "LoRA rank")
-    alpha: float | None = _option(None, "LoRA alpha (default: the rank, i.e. scale 1)")
-    dropout: float = _option(0.0, "LoRA dropout")
+    rank: int = _option(4, "LoRA rank", aliases=("network_dim",))
+    alpha: float | None = _option(None, "LoRA alpha (default: the rank, i.e. scale 1)", aliases=("network_alpha",))
+    dropout: float = _option(0.0, "LoRA dropout", aliases=("network_dropout",))
     init: str = _option("default", "LoRA initialisation (pissa/olora are saved converted to plain LoRA)", choices=INITS)
     rslora: bool = _option(False, "rank-stabilised LoRA: scale alpha/sqrt(rank) instead of alpha/rank")
     dora: bool = _option(False, "weight-decomposed LoRA (DoRA)")
@@ -136,7 +167,9 @@ class TrainConfig:
         None, "save the exponential moving average of the LoRA weights (decay e.g. 0.995, about the last 200 steps) "
         "instead of the last step's weights: steadier from run to run; off when unset"
     )
-    snr_gamma: float | None = _option(None, "min-SNR weighting gamma (5.0 is usual); off when unset")
+    snr_gamma: float | None = _option(
+        None, "min-SNR weighting gamma (5.0 is usual); off when unset", aliases=("min_snr_gamma",)
+    )
     noise_offset: float = _option(0.0, "noise offset (0.05-0.1 helps very dark or bright images)")
     min_timestep: int = _option(0, "lowest noise timestep trained on (kohya's --min_timestep)")
     max_timestep: int | None = _option(
@@ -153,7 +186,9 @@ class TrainConfig:
     dataloader_num_workers: int = _option(0, "data-loading worker processes")
 
     # Checkpoints and feedback
-    checkpointing_steps: int = _option(500, "save a resumable checkpoint every N steps")
+    checkpointing_steps: int = _option(
+        500, "save a resumable checkpoint every N steps", aliases=("save_every_n_steps",)
+    )
     checkpoints_total_limit: int | None = _option(None, "keep at most this many checkpoints")
     resume_from_checkpoint: str | None = _option(None, 'resume from "latest" or a checkpoint folder')
     validation_prompt: str | None = _option(None, "prompt for validation images and the final base-vs-LoRA grid")
@@ -289,9 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", type=Path, help="TOML or YAML file with the same keys; flags override it")
     for option in fields(TrainConfig):
-        spellings = [f"--{_flag(option.name)}"]
-        if "_" in option.name:
-            spellings.append(f"--{option.name}")
+        spellings = []
+        for name in (option.name, *option.metadata.get("aliases", ())):
+            spellings += [f"--{_flag(name)}"] + ([f"--{name}"] if "_" in name else [])
         help_text = option.metadata["help"]
         if option.default is not MISSING and option.default is not None:
             help_text += f" (default: {option.default})"
@@ -307,8 +342,27 @@ def build_parser() -> argparse.ArgumentParser:
                                 choices=option.metadata.get("choices"),
                                 metavar=option.name.upper())  # fmt: skip
     parser.add_argument("--center-crop", "--center_crop", dest="crop", action="store_const", const="center",
-                        help="same as --crop center (the diffusers spelling)")  # fmt: skip
+                        help="same as --crop center (diffusers' flag)")
+    parser.add_argument("--use-8bit-adam", "--use_8bit_adam", dest="optimizer", action="store_const",
+                        const="adamw8bit", help="same as --optimizer adamw8bit (diffusers' flag)")
+    parser.add_argument("--enable-bucket", "--enable_bucket", dest="buckets", action="store_const", const="auto",
+                        help='same as --buckets auto (kohya\'s flag)')  # fmt: skip
     return parser
+
+
+def _aliases() -> dict[str, str]:
+    """Other scripts' names for options here (`network_dim` -> `rank`), as used in config-file keys."""
+    return {alias: option.name for option in fields(TrainConfig) for alias in option.metadata.get("aliases", ())}
+
+
+def _foreign_flag_error(names: list[str], where: str) -> StudioError:
+    """The error for flags or config keys this trainer does not take; a known one of another script's gets its
+    hint. `where` starts the message: "" for the command line, "FILE: " for a config file."""
+    for name in names:
+        key = name.lstrip("-").partition("=")[0].replace("-", "_")
+        if key in FOREIGN_FLAG_HINTS:
+            return StudioError(f"{where}{key if where else '--' + _flag(key)}: {FOREIGN_FLAG_HINTS[key]}")
+    return StudioError(f"{where}unknown option(s) {(', ' if where else ' ').join(names)} (see --help)")
 
 
 def _required(option) -> bool:
@@ -344,10 +398,18 @@ def read_config_file(path: Path) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise StudioError(f"{path}: config file must hold a table of options")
     types = {option.name: _field_type(option.type) for option in fields(TrainConfig)}
-    values = {str(key).replace("-", "_"): value for key, value in values.items()}
+    aliases = _aliases()
+    named = {}
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        name = aliases.get(name, name)
+        if name in named:
+            raise StudioError(f"{path}: {key} is given twice (under two of its names)")
+        named[name] = value
+    values = named
     unknown = sorted(set(values) - set(types))
     if unknown:
-        raise StudioError(f"{path}: unknown option(s) {', '.join(unknown)}")
+        raise _foreign_flag_error(unknown, f"{path}: ")
     for name, value in values.items():
         values[name] = _coerce(path, name, value, types[name])
     return values
@@ -370,7 +432,10 @@ def _coerce(path: Path, name: str, value: Any, kind: type) -> Any:
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
     """Defaults, then `--config FILE`, then the flags typed: one checked `TrainConfig`."""
-    given = vars(build_parser().parse_args(argv))
+    arguments, extra = build_parser().parse_known_args(argv)
+    if extra:
+        raise _foreign_flag_error(extra, "")
+    given = vars(arguments)
     config_file = given.pop("config", None)
     values = read_config_file(config_file) if config_file is not None else {}
     values.update(given)

@@ -66,6 +66,59 @@ def test_diffusers_center_crop_flag_is_accepted():
     assert parse_config(REQUIRED + ["--crop", "random", "--center_crop"]).crop == "center"
 
 
+def test_diffusers_and_kohya_names_of_the_same_options_are_accepted():
+    diffusers_command = parse_config(
+        ["--pretrained_model_name_or_path=tiny-sd", "--instance_data_dir=imgs", "--output_dir=out",
+         "--instance_prompt=a sks dog", "--with_prior_preservation", "--class_data_dir=cls",
+         "--class_prompt=a dog", "--use_8bit_adam"]
+    )  # fmt: skip
+    assert (diffusers_command.base, str(diffusers_command.instance_dir), str(diffusers_command.class_dir)) == (
+        "tiny-sd", "imgs", "cls"
+    )
+    assert diffusers_command.optimizer == "adamw8bit"
+    kohya_command = parse_config(
+        REQUIRED + ["--network_dim", "16", "--network_alpha", "8", "--network_dropout", "0.1",
+                    "--min_snr_gamma", "5", "--flip_aug", "--save_every_n_steps", "50", "--enable_bucket"]
+    )  # fmt: skip
+    assert (kohya_command.rank, kohya_command.alpha, kohya_command.dropout, kohya_command.snr_gamma) == (16, 8, 0.1, 5)
+    assert (kohya_command.random_flip, kohya_command.checkpointing_steps, kohya_command.buckets) == (True, 50, "auto")
+
+
+def test_config_file_keys_may_use_the_other_names_but_not_twice(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('pretrained_model_name_or_path = "tiny-sd"\ninstance_data_dir = "imgs"\n'
+                    'instance_prompt = "x"\noutput_dir = "out"\nnetwork_dim = 8\n')  # fmt: skip
+    config = parse_config(["--config", str(toml)])
+    assert (config.base, str(config.instance_dir), config.rank) == ("tiny-sd", "imgs", 8)
+    toml.write_text('instance_dir = "imgs"\ninstance_prompt = "x"\noutput_dir = "out"\nrank = 4\nnetwork-dim = 8\n')
+    with pytest.raises(StudioError, match=r"run.toml: network-dim is given twice"):
+        parse_config(["--config", str(toml)])
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (
+            ["--validation_epochs=50"],
+            r"^--validation-epochs: this trainer counts optimizer steps: use --validation-steps$",
+        ),
+        (["--seed", "0", "--push_to_hub"], r"^--push-to-hub: this trainer does not upload"),
+        (["--max_train_epochs", "10"], r"^--max-train-epochs: .* use --max-train-steps$"),
+        (["--frobnicate", "3"], r"^unknown option\(s\) --frobnicate 3 \(see --help\)$"),
+    ],
+)
+def test_flags_of_other_scripts_without_an_equivalent_say_what_to_use(flags, message):
+    with pytest.raises(StudioError, match=message):
+        parse_config(REQUIRED + flags)
+
+
+def test_config_file_keys_of_other_scripts_get_the_same_hint(tmp_path):
+    yaml = tmp_path / "run.yaml"
+    yaml.write_text("instance_dir: imgs\ninstance_prompt: x\noutput_dir: out\nnum_train_epochs: 5\n")
+    with pytest.raises(StudioError, match=r"run.yaml: num_train_epochs: this trainer counts optimizer steps"):
+        parse_config(["--config", str(yaml)])
+
+
 def test_help_documents_every_option():
     text = build_parser().format_help()
     for option in fields(TrainConfig):
