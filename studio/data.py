@@ -27,7 +27,6 @@ from studio.errors import StudioError
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-CAPTION_SUFFIX = ".txt"
 
 
 @dataclass(frozen=True)
@@ -39,8 +38,11 @@ class ImageRecord:
     size: tuple[int, int]
 
 
-def scan_images(folder: Path, default_prompt: str, what: str = "instance", required: bool = True) -> list[ImageRecord]:
-    """The readable images in `folder` (sorted by name), each with its caption file's text or `default_prompt`.
+def scan_images(
+    folder: Path, default_prompt: str, what: str = "instance", required: bool = True, caption_extension: str = ".txt"
+) -> list[ImageRecord]:
+    """The readable images in `folder` (sorted by name), each with its caption file's text (NAME + `caption_extension`
+    beside NAME.png) or `default_prompt`.
 
     Unreadable image files are skipped with one warning that names them; a missing folder, or one with no
     readable image, is a `StudioError` when `required` (class folders may start empty: they get generated).
@@ -60,7 +62,7 @@ def scan_images(folder: Path, default_prompt: str, what: str = "instance", requi
         except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError):
             unreadable.append(path.name)
             continue
-        records.append(ImageRecord(path=path, prompt=_caption(path) or default_prompt, size=size))
+        records.append(ImageRecord(path=path, prompt=_caption(path, caption_extension) or default_prompt, size=size))
     if unreadable:
         logger.warning("%s: skipping unreadable image file(s): %s", folder, ", ".join(unreadable))
     if required and not records:
@@ -70,8 +72,8 @@ def scan_images(folder: Path, default_prompt: str, what: str = "instance", requi
     return records
 
 
-def _caption(image_path: Path) -> str | None:
-    caption_path = image_path.with_suffix(CAPTION_SUFFIX)
+def _caption(image_path: Path, extension: str) -> str | None:
+    caption_path = image_path.with_suffix(extension)
     if not caption_path.is_file():
         return None
     return caption_path.read_text(encoding="utf-8").strip() or None
@@ -116,10 +118,14 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         repeats: int = 1,
         seed: int = 0,
         caption_dropout_rate: float = 0.0,
+        shuffle_caption: bool = False,
+        keep_tokens: int = 0,
     ):
         self.instance_images = instance_images
         self.class_images = class_images or []
         self.caption_dropout_rate = caption_dropout_rate
+        self.shuffle_caption = shuffle_caption
+        self.keep_tokens = keep_tokens
         self.crop = crop
         self.random_flip = random_flip
         self.seed = seed
@@ -169,6 +175,8 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         dropping = role == "class" or not self.class_images
         dropped = dropping and self.caption_dropout_rate and rng.random() < self.caption_dropout_rate
         prompt = "" if dropped else record.prompt
+        if self.shuffle_caption:
+            prompt = shuffled_tags(prompt, self.keep_tokens, rng)
         view = {"prompt": prompt, "original_size": record.size, "target_size": bucket}
         if self.latents is not None:
             view["latent_parameters"] = self.latents[(role, index, bucket)]
@@ -178,6 +186,15 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         view["pixels"] = pixels
         view["crop_top_left"] = crop_top_left
         return view
+
+
+def shuffled_tags(caption: str, keep: int, rng: random.Random) -> str:
+    """kohya's `--shuffle_caption`: the comma-separated tags after the first `keep` in a random order, so the
+    LoRA does not tie the subject to where a tag stands; the kept ones (the trigger word) stay in front."""
+    tags = [tag.strip() for tag in caption.split(",")]
+    kept, shuffled = tags[:keep], tags[keep:]
+    rng.shuffle(shuffled)
+    return ", ".join(kept + shuffled)
 
 
 def covering_size(size: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:

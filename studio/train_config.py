@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 from diffusers.optimization import SchedulerType
 
+from studio.data import IMAGE_SUFFIXES
 from studio.errors import StudioError
 
 # The names LoRA can target, as module-name suffixes (peft matches `name == t or name.endswith("." + t)`);
@@ -34,6 +35,7 @@ TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 INITS = ("default", "gaussian", "pissa", "olora")
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
+SAVE_PRECISIONS = ("fp32", "fp16", "bf16")
 CROPS = ("center", "random")
 REPORT_TO = ("auto", "none", "tensorboard", "wandb")
 LR_SCHEDULERS = tuple(s.value for s in SchedulerType if s.value != "piecewise_constant")
@@ -44,7 +46,7 @@ NOT_PART_OF_RUN = frozenset({
     "output_dir", "resume_from_checkpoint", "max_train_steps", "checkpointing_steps", "checkpoints_total_limit",
     "validation_prompt", "validation_steps", "num_validation_images", "report_to", "export_kohya",
     "cache_latents", "cache_prompt_embeddings", "dataloader_num_workers", "gradient_checkpointing",
-    "base_config", "allow_pickle",
+    "base_config", "allow_pickle", "save_precision",
 })  # fmt: skip
 
 # Flags of diffusers' train_dreambooth_lora*.py and kohya's train_network.py that have no option here, with
@@ -121,6 +123,14 @@ class TrainConfig:
     random_flip: bool = _option(False, "flip images horizontally at random", aliases=("flip_aug",))
     buckets: str | None = _option(None, 'aspect-ratio buckets: "auto", or "height,width;height,width;..." in pixels')
     repeats: int = _option(1, "how many times each instance image appears in an epoch")
+    caption_extension: str = _option(
+        ".txt", "extension of the caption file beside each image (NAME.txt; kohya's datasets often use .caption)"
+    )
+    shuffle_caption: bool = _option(
+        False, "shuffle the comma-separated tags of each caption at every step (kohya's --shuffle_caption); "
+        "prompts are then encoded every step"
+    )
+    keep_tokens: int = _option(0, "with --shuffle-caption, how many leading tags stay in place (e.g. the trigger)")
     caption_dropout_rate: float = _option(
         0.0, "fraction of images trained with an empty prompt (the unconditional branch classifier-free guidance "
         "subtracts); with prior preservation only class images, so the LoRA does not leak into every prompt"
@@ -199,6 +209,10 @@ class TrainConfig:
         "auto", "tracker for losses and images (auto: tensorboard when installed)", choices=REPORT_TO
     )
     export_kohya: bool = _option(False, "also write a kohya-named copy (A1111 / ComfyUI)")
+    save_precision: str = _option(
+        "fp32", "dtype of the saved LoRA files: fp16 or bf16 halve their size (kohya's --save_precision); "
+        "checkpoints resume in full precision either way", choices=SAVE_PRECISIONS,
+    )
 
     def __post_init__(self) -> None:
         self.instance_dir = Path(self.instance_dir)
@@ -206,6 +220,8 @@ class TrainConfig:
         self.class_dir = Path(self.class_dir) if self.class_dir is not None else None
         self.unet_targets = _name_list(self.unet_targets)
         self.text_encoder_targets = _name_list(self.text_encoder_targets)
+        if not self.caption_extension.startswith("."):
+            self.caption_extension = "." + self.caption_extension
         if self.alpha is None:
             self.alpha = float(self.rank)
         if self.trigger_words is None:
@@ -227,6 +243,10 @@ class TrainConfig:
             raise StudioError("--learning-rate and --text-encoder-lr must be positive")
         if not 0.0 <= self.dropout < 1.0:
             raise StudioError(f"--dropout {self.dropout}: must be in [0, 1)")
+        if self.caption_extension.lower() in (".", *IMAGE_SUFFIXES) or "/" in self.caption_extension:
+            raise StudioError(f"--caption-extension {self.caption_extension!r}: a text file's extension, e.g. .txt")
+        if self.keep_tokens < 0:
+            raise StudioError(f"--keep-tokens {self.keep_tokens}: must be at least 0")
         if not 0.0 <= self.caption_dropout_rate < 1.0:
             raise StudioError(f"--caption-dropout-rate {self.caption_dropout_rate}: must be in [0, 1)")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
@@ -253,6 +273,7 @@ class TrainConfig:
                 raise StudioError(f"--num-class-images {self.num_class_images}: must be at least 1")
         for name, choices in (("crop", CROPS), ("init", INITS), ("optimizer", OPTIMIZERS),
                               ("mixed_precision", MIXED_PRECISIONS), ("report_to", REPORT_TO),
+                              ("save_precision", SAVE_PRECISIONS),
                               ("lr_scheduler", LR_SCHEDULERS)):  # fmt: skip
             if getattr(self, name) not in choices:
                 raise StudioError(f"--{_flag(name)} {getattr(self, name)!r}: use one of {', '.join(choices)}")

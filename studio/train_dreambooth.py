@@ -41,7 +41,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from PIL import Image
 from tqdm.auto import tqdm
 
-from studio.base import BaseModel, load_base, pick_device_dtype
+from studio.base import DTYPES, BaseModel, load_base, pick_device_dtype
 from studio.data import (
     BucketBatchSampler,
     DreamBoothDataset,
@@ -97,10 +97,14 @@ def train(config: TrainConfig, base: BaseModel | None = None) -> TrainResult:
     `base`, when given, is an already loaded base model to train on instead of loading `config.base`: its
     pipeline keeps the trained adapters (named "default") afterwards."""
     # 1. Check the inputs: every user mistake is reported here, before a model is loaded.
-    instance_images = scan_images(config.instance_dir, config.instance_prompt)
+    instance_images = scan_images(
+        config.instance_dir, config.instance_prompt, caption_extension=config.caption_extension
+    )
     class_images: list[ImageRecord] = []
     if config.with_prior_preservation:
-        class_images = scan_images(config.class_dir, config.class_prompt, "class", required=False)
+        class_images = scan_images(
+            config.class_dir, config.class_prompt, "class", required=False, caption_extension=config.caption_extension
+        )
     check_output_dir(config)
     resume_dir = find_resume_checkpoint(config)
     optimizer_class = optimizer_class_for(config.optimizer)
@@ -162,13 +166,14 @@ def train(config: TrainConfig, base: BaseModel | None = None) -> TrainResult:
     # 5. Prepare the data; cache latents and prompt embeddings when they cannot change, then free the encoders.
     buckets = bucket_sizes(resolution, config.buckets, config.bucket_sizes(), step=pipeline.vae_scale_factor * 8)
     dataset = DreamBoothDataset(
-        instance_images, class_images, buckets, config.crop, config.random_flip, config.repeats, config.seed,
-        config.caption_dropout_rate,
+        instance_images, class_images, buckets, crop=config.crop, random_flip=config.random_flip,
+        repeats=config.repeats, seed=config.seed, caption_dropout_rate=config.caption_dropout_rate,
+        shuffle_caption=config.shuffle_caption, keep_tokens=config.keep_tokens,
     )
     if config.cache_latents and not dataset.is_random:
         cache_latents(dataset, vae)
     prompt_cache = None
-    if config.cache_prompt_embeddings and not config.train_text_encoder:
+    if config.cache_prompt_embeddings and not config.train_text_encoder and not config.shuffle_caption:
         prompts = [r.prompt for r in instance_images + class_images] + [""] * (config.caption_dropout_rate > 0)
         prompt_cache = PromptCache(text_encoders, tokenizers, prompts)
     if accelerator.device.type != "cpu":
@@ -322,9 +327,10 @@ def train(config: TrainConfig, base: BaseModel | None = None) -> TrainResult:
     lora_path, kohya_path = config.output_dir / LORA_FILE, None
     if accelerator.is_main_process:
         metadata = lora_metadata(config, base, global_step, resolution, len(instance_images), len(class_images))
-        lora_path = save_lora(config.output_dir, trained, initial_state, base.family, metadata)
+        save_dtype = DTYPES[config.save_precision]
+        lora_path = save_lora(config.output_dir, trained, initial_state, base.family, metadata, save_dtype)
         if config.export_kohya:
-            kohya_path = export_kohya(config.output_dir, trained, initial_state, base.family, metadata)
+            kohya_path = export_kohya(config.output_dir, trained, initial_state, base.family, metadata, save_dtype)
         if config.validation_prompt:
             save_comparison_grid(config, pipeline, accelerator, trained, vae, text_encoders)
     accelerator.end_training()
@@ -469,7 +475,9 @@ def complete_class_images(
                 for number, image in zip(chunk, images):
                     save_image_atomic(image, config.class_dir / f"generated-{number:05d}.png")
         accelerator.wait_for_everyone()
-        existing = scan_images(config.class_dir, config.class_prompt, "class")
+        existing = scan_images(
+            config.class_dir, config.class_prompt, "class", caption_extension=config.caption_extension
+        )
     return existing[: config.num_class_images]
 
 
@@ -622,7 +630,7 @@ def save_checkpoint(
     accelerator.save_state(str(staging))
     if accelerator.is_main_process:
         with averaged_weights(ema, trainable_parameters(trained)):
-            save_lora(staging, trained, initial_state, family, metadata)
+            save_lora(staging, trained, initial_state, family, metadata, DTYPES[config.save_precision])
         if final.exists():
             shutil.rmtree(final)
         os.replace(staging, final)
@@ -670,9 +678,12 @@ def exported_adapter(module: torch.nn.Module, initial: dict[str, torch.Tensor] |
     return state, lora_settings
 
 
-def save_lora(folder: Path, trained, initial_state, family: str, metadata: dict[str, str]) -> Path:
+def save_lora(
+    folder: Path, trained, initial_state, family: str, metadata: dict[str, str], dtype: torch.dtype
+) -> Path:
     """`folder/pytorch_lora_weights.safetensors` via diffusers' own `save_lora_weights` (the adapters' peft
-    configs go in its `lora_adapter_metadata`), then our metadata added; written under a temp name, renamed.
+    configs go in its `lora_adapter_metadata`), then our metadata added and the tensors cast to `dtype`;
+    written under a temp name, renamed.
 
     Keys are in peft naming (`unet.<module>.lora_A.weight`), which diffusers loads natively. Not passed
     through `convert_state_dict_to_diffusers` as diffusers' scripts do: that renames attention projections
@@ -691,16 +702,19 @@ def save_lora(folder: Path, trained, initial_state, family: str, metadata: dict[
     staging = folder / staging_name
     with safetensors.safe_open(staging, framework="pt") as handle:
         diffusers_metadata = handle.metadata() or {}
-    tensors = safetensors.torch.load_file(staging)
+    tensors = {key: value.to(dtype) for key, value in safetensors.torch.load_file(staging).items()}
     path = folder / LORA_FILE
     save_safetensors_atomic(tensors, path, {**diffusers_metadata, **metadata})
     staging.unlink()
     return path
 
 
-def export_kohya(folder: Path, trained, initial_state, family: str, metadata: dict[str, str]) -> Path:
+def export_kohya(
+    folder: Path, trained, initial_state, family: str, metadata: dict[str, str], dtype: torch.dtype
+) -> Path:
     """A kohya-named copy (`lora_unet_…`, `lora_te…`, `.lora_down/.lora_up/.alpha`) for A1111 / ComfyUI,
-    written by `studio.lora_io.write_lora` from the same adapters with each module's scale baked in."""
+    written by `studio.lora_io.write_lora` from the same adapters with each module's scale baked in (in
+    float32, before the cast to `dtype`)."""
     from studio.lora_io import write_lora
 
     state = {}
@@ -708,7 +722,7 @@ def export_kohya(folder: Path, trained, initial_state, family: str, metadata: di
         tensors, settings = exported_adapter(module, initial_state[name] if initial_state else None)
         scale = settings["lora_alpha"] / (math.sqrt(settings["r"]) if settings["use_rslora"] else settings["r"])
         for key, value in tensors.items():
-            state[f"{name}.{key}"] = value * scale if "lora_B" in key else value
+            state[f"{name}.{key}"] = (value * scale if "lora_B" in key else value).to(dtype)
     return write_lora(folder / f"{folder.name}_kohya.safetensors", state, metadata, naming="kohya", family=family)
 
 
@@ -757,6 +771,8 @@ def lora_metadata(
         "ss_mixed_precision": config.mixed_precision,
         "ss_noise_offset": str(config.noise_offset),
         "ss_caption_dropout_rate": str(config.caption_dropout_rate),
+        "ss_shuffle_caption": str(config.shuffle_caption),
+        "ss_keep_tokens": str(config.keep_tokens),
         "ss_min_snr_gamma": str(config.snr_gamma),
         "ss_prior_loss_weight": str(config.prior_loss_weight),
         "ss_output_name": config.output_dir.name,

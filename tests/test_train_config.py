@@ -184,3 +184,11 @@ def test_run_identity_ignores_how_a_run_is_watched_but_not_what_it_learns():
     learns = TrainConfig(instance_dir="i", instance_prompt="p", output_dir="o", learning_rate=1e-3)
     assert one.run_identity() == watched.run_identity()
     assert one.run_identity() != learns.run_identity()
+
+
+def test_caption_extension_gets_its_dot_and_cannot_name_images():
+    assert parse_config(REQUIRED + ["--caption-extension", "caption"]).caption_extension == ".caption"
+    with pytest.raises(StudioError, match=r"--caption-extension '.PNG': a text file's extension"):
+        parse_config(REQUIRED + ["--caption-extension", ".PNG"])
+    with pytest.raises(StudioError, match=r"--keep-tokens -1: must be at least 0"):
+        parse_config(REQUIRED + ["--keep-tokens", "-1"])

@@ -39,6 +39,37 @@ def test_a_caption_file_overrides_the_prompt_and_an_empty_one_does_not(tmp_path)
     assert prompts == {"a": "a sks dog on a beach", "b": "a sks dog", "c": "a sks dog"}
 
 
+def test_the_caption_extension_picks_which_file_beside_the_image_is_the_caption(tmp_path):
+    gradient_image(tmp_path / "a.png", 16, 16)
+    (tmp_path / "a.txt").write_text("from the txt")
+    (tmp_path / "a.caption").write_text("from the caption file")
+    assert scan_images(tmp_path, "x")[0].prompt == "from the txt"
+    assert scan_images(tmp_path, "x", caption_extension=".caption")[0].prompt == "from the caption file"
+    assert scan_images(tmp_path, "x", caption_extension=".tags")[0].prompt == "x"
+
+
+def test_shuffled_captions_keep_the_leading_tags_and_vary_by_epoch_but_repeat_for_a_resumed_run(tmp_path):
+    gradient_image(tmp_path / "a.png", 8, 8)
+    (tmp_path / "a.txt").write_text("sks,  red hair , smiling,outdoors, hat")
+    records = scan_images(tmp_path, "x")
+
+    def prompts(keep: int, shuffle: bool = True) -> list[str]:
+        dataset = DreamBoothDataset(records, None, [(8, 8)], seed=7, shuffle_caption=shuffle, keep_tokens=keep)
+        seen = []
+        for epoch in range(40):
+            dataset.set_epoch(epoch)
+            seen.append(dataset[0]["instance"]["prompt"])
+        return seen
+
+    tags = ["sks", "red hair", "smiling", "outdoors", "hat"]
+    kept_one = prompts(keep=1)
+    assert all(p.split(", ")[0] == "sks" and sorted(p.split(", ")) == sorted(tags) for p in kept_one)
+    assert len(set(kept_one)) > 5  # 24 orders of the other four
+    assert kept_one == prompts(keep=1)  # a pure function of (seed, epoch, example)
+    assert len({p.split(", ")[0] for p in prompts(keep=0)}) > 1  # nothing kept: the first tag moves too
+    assert set(prompts(keep=0, shuffle=False)) == {"sks,  red hair , smiling,outdoors, hat"}
+
+
 def test_center_crop_cuts_equally_from_both_sides(tmp_path):
     gradient_image(tmp_path / "wide.png", 80, 64)
     pixels, (top, left) = load_pixels(tmp_path / "wide.png", (64, 64), "center", False, random.Random(0))

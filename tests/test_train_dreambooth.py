@@ -481,6 +481,51 @@ def test_timesteps_are_drawn_only_from_the_range_asked_for(tmp_path, monkeypatch
         train(options(tmp_path, output_dir=tmp_path / "too-far", max_timestep=1001))
 
 
+def test_shuffled_captions_reach_the_text_encoder_every_step(tmp_path, monkeypatch):
+    draw_images(tmp_path / "images", [(64, 64)])
+    (tmp_path / "images" / "star-0.txt").write_text("sks, purple, star, five arms")
+    encoded: list[str] = []
+    from studio import train_dreambooth
+
+    encode_prompts = train_dreambooth.encode_prompts
+
+    def recording_encode_prompts(encoders, tokenizers, prompts):
+        encoded.extend(prompts)
+        return encode_prompts(encoders, tokenizers, prompts)
+
+    monkeypatch.setattr(train_dreambooth, "encode_prompts", recording_encode_prompts)
+    train(options(tmp_path, max_train_steps=12, shuffle_caption=True, keep_tokens=1))
+    assert len(encoded) == 12  # no prompt cache: each step encodes its own order
+    assert all(p.startswith("sks, ") and sorted(p.split(", ")[1:]) == ["five arms", "purple", "star"] for p in encoded)
+    assert len(set(encoded)) > 1
+
+
+def test_fp16_save_precision_writes_the_same_lora_at_half_the_size(tmp_path):
+    draw_images(tmp_path / "images", [(64, 64)])
+    runs = {}
+    for precision in ("fp32", "fp16"):
+        folder = tmp_path / precision
+        train(options(tmp_path, output_dir=folder, max_train_steps=3, learning_rate=1e-2, save_precision=precision,
+                      export_kohya=True, checkpointing_steps=2))  # fmt: skip
+        runs[precision] = {
+            "diffusers": load_file(folder / LORA_FILE),
+            "kohya": load_file(folder / f"{precision}_kohya.safetensors"),
+            "checkpoint": load_file(folder / "checkpoint-2" / LORA_FILE),
+        }
+    for kind, full in runs["fp32"].items():
+        half = runs["fp16"][kind]
+        assert half.keys() == full.keys()
+        for key, tensor in full.items():
+            expected_dtype = torch.float32 if key.endswith(".alpha") else torch.float16
+            assert half[key].dtype == expected_dtype, (kind, key)
+            assert torch.equal(half[key], tensor.to(expected_dtype)), (kind, key)
+    tensor_bytes = {}  # the file less its 8-byte length and JSON header (metadata dominates for a tiny LoRA)
+    for precision in runs:
+        data = (tmp_path / precision / LORA_FILE).read_bytes()
+        tensor_bytes[precision] = len(data) - 8 - int.from_bytes(data[:8], "little")
+    assert tensor_bytes["fp16"] * 2 == tensor_bytes["fp32"]
+
+
 def test_a_diverging_run_stops_with_an_error_instead_of_saving_a_nan_lora(tmp_path):
     draw_images(tmp_path / "images", [(64, 64)])
     with pytest.raises(StudioError, match=r"training diverged at step \d+ .*--learning-rate"):
