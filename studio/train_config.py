@@ -99,7 +99,7 @@ class TrainConfig:
         "needed offline"
     )
     allow_pickle: bool = _option(
-        False, "accept a .ckpt/.pt/.bin --base (pickle files, read with torch's weights-only loader)"
+        False, "accept a .ckpt/.pt/.bin --base or --init-from (pickle files, read with torch's weights-only loader)"
     )
     trigger_words: str | None = _option(
         None, "comma-separated trigger words stored in the LoRA (default: the instance prompt)"
@@ -141,6 +141,11 @@ class TrainConfig:
     alpha: float | None = _option(None, "LoRA alpha (default: the rank, i.e. scale 1)", aliases=("network_alpha",))
     dropout: float = _option(0.0, "LoRA dropout", aliases=("network_dropout",))
     init: str = _option("default", "LoRA initialisation (pissa/olora are saved converted to plain LoRA)", choices=INITS)
+    init_from: Path | None = _option(
+        None, "start from this LoRA file (any format the studio reads) instead of zero, e.g. to train a LoRA further "
+        "on new images; it must be at --rank and within the targets (kohya's --network_weights)",
+        aliases=("network_weights",),
+    )
     rslora: bool = _option(False, "rank-stabilised LoRA: scale alpha/sqrt(rank) instead of alpha/rank")
     dora: bool = _option(False, "weight-decomposed LoRA (DoRA)")
     unet_targets: list[str] = _option(
@@ -218,6 +223,7 @@ class TrainConfig:
         self.instance_dir = Path(self.instance_dir)
         self.output_dir = Path(self.output_dir)
         self.class_dir = Path(self.class_dir) if self.class_dir is not None else None
+        self.init_from = Path(self.init_from) if self.init_from is not None else None
         self.unet_targets = _name_list(self.unet_targets)
         self.text_encoder_targets = _name_list(self.text_encoder_targets)
         if not self.caption_extension.startswith("."):
@@ -262,6 +268,8 @@ class TrainConfig:
             raise StudioError(f"--checkpoints-total-limit {self.checkpoints_total_limit}: must be at least 1")
         if self.dora and self.init in ("pissa", "olora"):
             raise StudioError(f"--dora cannot be combined with --init {self.init}")
+        if self.init_from is not None and self.init in ("pissa", "olora"):
+            raise StudioError(f"--init-from cannot be combined with --init {self.init} (it changes the base weights)")
         _check_targets("unet-targets", self.unet_targets, UNET_TARGETS)
         _check_targets("text-encoder-targets", self.text_encoder_targets, TEXT_ENCODER_TARGETS)
         if self.buckets is not None and self.buckets != "auto":

@@ -55,6 +55,7 @@ from studio.data import (
     scan_images,
 )
 from studio.errors import StudioError
+from studio.lora_io import LoraFile, check_family, read_lora
 from studio.train_config import TrainConfig, option_defaults, parse_config
 
 logger = logging.getLogger("studio.train_dreambooth")
@@ -107,6 +108,7 @@ def train(config: TrainConfig, base: BaseModel | None = None) -> TrainResult:
         )
     check_output_dir(config)
     resume_dir = find_resume_checkpoint(config)
+    initial_lora = read_initial_lora(config)
     optimizer_class = optimizer_class_for(config.optimizer)
 
     accelerator = make_accelerator(config)
@@ -154,6 +156,8 @@ def train(config: TrainConfig, base: BaseModel | None = None) -> TrainResult:
         targets = config.unet_targets if name == "unet" else config.text_encoder_targets
         add_lora(module, name, lora_config(config, targets))
     cast_training_params(list(trained.values()), dtype=torch.float32)
+    if initial_lora is not None:
+        start_from_lora(initial_lora, trained, base.family)
     # PiSSA/OLoRA move part of the base weight into the adapter; remember the start to save plain LoRA deltas.
     initial_state = (
         {name: adapter_state(module) for name, module in trained.items()} if config.init in ("pissa", "olora") else None
@@ -376,6 +380,59 @@ def check_output_dir(config: TrainConfig) -> None:
         raise StudioError(
             f"{folder}: output dir holds a different run ({', '.join(differing)} differ); pick a new output dir"
         )
+
+
+def read_initial_lora(config: TrainConfig) -> LoraFile | None:
+    """The `--init-from` LoRA, read and checked against the options (rank, DoRA, text encoders) before any
+    model loads; whether its modules exist in the targets is checked once the adapters are added."""
+    if config.init_from is None:
+        return None
+    lora = read_lora(config.init_from, allow_pickle=config.allow_pickle)
+    if not lora.modules:
+        raise StudioError(f"{config.init_from}: holds no LoRA layers to start from")
+    ranks = sorted({module.converted_rank for module in lora.modules})
+    if ranks != [config.rank]:
+        raise StudioError(
+            f"{config.init_from}: its layers have rank {', '.join(map(str, ranks))}, "
+            + (f"pass --rank {ranks[0]}" if len(ranks) == 1 else "and one --rank cannot hold them all")
+        )
+    text_layers = [m for m in lora.modules if m.component != "unet"]
+    if text_layers and not config.train_text_encoder:
+        raise StudioError(f"{config.init_from}: adapts the text encoder too; add --train-text-encoder")
+    has_dora = any(module.dora for module in lora.modules)
+    if has_dora != config.dora:
+        needed = "is DoRA (it has magnitude vectors): add --dora" if has_dora else "is plain LoRA: leave out --dora"
+        raise StudioError(f"{config.init_from}: {needed}")
+    return lora
+
+
+def start_from_lora(lora: LoraFile, trained: dict[str, torch.nn.Module], family: str) -> None:
+    """Set the new adapters to the file's changes: A from the file, B divided by the adapter's own scale
+    (`read_lora` bakes the file's scale into its factors), so scale * B @ A is the file's delta for every
+    layer, whatever --alpha says. Targeted layers the file lacks keep their fresh start (no change)."""
+    check_family(lora, family)
+    for module in lora.modules:
+        name = f"{module.component}.{module.module}"
+        try:
+            layer = trained[module.component].get_submodule(module.module)
+        except AttributeError:
+            layer = None
+        if not isinstance(layer, BaseTunerLayer) or "default" not in layer.lora_A:
+            raise StudioError(
+                f"{lora.path}: adapts {name}, which the trained targets do not include "
+                "(see --unet-targets / --text-encoder-targets)"
+            )
+        down, up = lora.state_dict[f"{name}.lora_A.weight"], lora.state_dict[f"{name}.lora_B.weight"]
+        if layer.lora_A["default"].weight.shape != down.shape or layer.lora_B["default"].weight.shape != up.shape:
+            raise StudioError(f"{lora.path}: {name} has another shape than the base model's layer: another model?")
+        with torch.no_grad():
+            layer.lora_A["default"].weight.copy_(down)
+            layer.lora_B["default"].weight.copy_(up / layer.scaling["default"])
+            if module.dora:
+                layer.lora_magnitude_vector["default"].weight.copy_(
+                    lora.state_dict[f"{name}.lora_magnitude_vector.weight"]
+                )
+    logger.info("starting from %s (%d layers)", lora.path, len(lora.modules))
 
 
 def find_resume_checkpoint(config: TrainConfig) -> Path | None:

@@ -19,7 +19,7 @@ import torch
 from diffusers import DDPMScheduler
 from ports import free_port
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from studio import demo_world
 from studio.base import load_base
@@ -202,6 +202,66 @@ def diffusers_deltas(path: Path) -> dict[str, torch.Tensor]:
             up = tensors[f"{module}.lora_B.weight"]
             deltas[module] = scale * up.flatten(1) @ down.flatten(1)  # convolutions too
     return deltas
+
+
+@pytest.mark.parametrize("kind", ["diffusers", "kohya"])
+def test_init_from_starts_the_new_lora_at_the_files_deltas(sd_run, tmp_path, kind):
+    """At a vanishing learning rate one step moves nothing: the saved LoRA is where it started. With
+    --alpha 2 at rank 4 (scale 0.5, the file's is 1) its factors differ, its deltas must not."""
+    source = sd_run.result.lora_path if kind == "diffusers" else sd_run.result.kohya_path
+    result = train(options(
+        sd_run.tmp, output_dir=tmp_path / "out", init_from=source, unet_targets=BLOCK_TARGETS, train_text_encoder=True,
+        alpha=2, learning_rate=1e-12, text_encoder_lr=1e-12, max_train_steps=1,
+    ))  # fmt: skip
+    expected, started = diffusers_deltas(sd_run.result.lora_path), diffusers_deltas(result.lora_path)
+    assert started.keys() == expected.keys()
+    for module, delta in expected.items():
+        torch.testing.assert_close(started[module], delta, rtol=1e-5, atol=1e-7, msg=module)
+    assert json.loads(lora_metadata(result.lora_path)["lora_adapter_metadata"])["unet.lora_alpha"] == 2
+
+
+def test_init_from_a_dora_lora_starts_at_its_magnitudes_too(tmp_path):
+    draw_images(tmp_path / "images", [(64, 64)])
+    first = train(options(tmp_path, output_dir=tmp_path / "first", dora=True, learning_rate=1e-2, max_train_steps=3))
+    again = train(options(tmp_path, output_dir=tmp_path / "again", dora=True, init_from=first.lora_path, alpha=2,
+                          learning_rate=1e-12, max_train_steps=1))  # fmt: skip
+    expected, started = load_file(first.lora_path), load_file(again.lora_path)
+    magnitudes = [key for key in expected if "lora_magnitude_vector" in key]
+    assert magnitudes and started.keys() == expected.keys()
+    for key in magnitudes:
+        torch.testing.assert_close(started[key], expected[key], rtol=1e-6, atol=1e-7)
+    full_scale, half_scale = diffusers_deltas(first.lora_path), diffusers_deltas(again.lora_path)
+    for module, delta in full_scale.items():
+        torch.testing.assert_close(half_scale[module], delta, rtol=1e-5, atol=1e-7, msg=module)
+
+
+def test_init_from_mismatches_are_one_line_errors_before_any_model_loads(sd_run, tmp_path, capsys, no_model_loading):
+    common = ["--instance-dir", str(sd_run.tmp / "images"), "--instance-prompt", PROMPT, "--base", "tiny-sd",
+              "--output-dir", str(tmp_path / "out"), "--init-from", str(sd_run.result.kohya_path)]  # fmt: skip
+    cases = {
+        "rank 4, pass --rank 4": ["--rank", "8", "--train-text-encoder"],
+        "adapts the text encoder too; add --train-text-encoder": [],
+        "is plain LoRA: leave out --dora": ["--train-text-encoder", "--dora"],
+    }
+    for expected, flags in cases.items():
+        assert main(common + flags) == 2
+        error = capsys.readouterr().err.strip()
+        assert error.startswith(f"error: {sd_run.result.kohya_path}: ") and expected in error and "\n" not in error
+    assert main(common[:-1] + [str(tmp_path / "nope.safetensors")]) == 2
+    assert "nope.safetensors" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_init_from_a_lora_for_other_layers_or_another_family_is_refused(sd_run, tmp_path):
+    with pytest.raises(StudioError, match=r"adapts unet\..*conv1, which the trained targets do not include"):
+        train(options(sd_run.tmp, output_dir=tmp_path / "a", init_from=sd_run.result.lora_path,
+                      unet_targets=ALL_ATTENTION, train_text_encoder=True))  # fmt: skip
+    sdxl_file = tmp_path / "sdxl.safetensors"  # cross-attention from 2048 channels: an SDXL LoRA
+    module = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
+    save_file({f"{module}.lora_A.weight": torch.randn(4, 2048), f"{module}.lora_B.weight": torch.randn(64, 4)},
+              sdxl_file)  # fmt: skip
+    with pytest.raises(StudioError, match=r"sdxl.safetensors: this LoRA is for .* \(sdxl\) but the loaded model .*sd1"):
+        train(options(sd_run.tmp, output_dir=tmp_path / "b", init_from=sdxl_file))
 
 
 def test_kohya_export_holds_exactly_the_same_deltas(sd_run):
