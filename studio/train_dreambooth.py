@@ -56,7 +56,7 @@ from studio.data import (
 )
 from studio.errors import StudioError
 from studio.lora_io import LoraFile, check_family, read_lora
-from studio.train_config import TrainConfig, option_defaults, parse_config
+from studio.train_config import TEXT_ENCODER_TARGETS, UNET_TARGETS, TrainConfig, option_defaults, parse_config
 
 logger = logging.getLogger("studio.train_dreambooth")
 
@@ -403,13 +403,38 @@ def read_initial_lora(config: TrainConfig) -> LoraFile | None:
     if has_dora != config.dora:
         needed = "is DoRA (it has magnitude vectors): add --dora" if has_dora else "is plain LoRA: leave out --dora"
         raise StudioError(f"{config.init_from}: {needed}")
+    check_initial_lora_targets(config, lora)
     return lora
+
+
+def check_initial_lora_targets(config: TrainConfig, lora: LoraFile) -> None:
+    """Every layer of the `--init-from` file must be one the targets adapt: else name the targets to pass."""
+    for component, flag, targets, known in (
+        ("unet", "--unet-targets", config.unet_targets, UNET_TARGETS),
+        ("text", "--text-encoder-targets", config.text_encoder_targets, TEXT_ENCODER_TARGETS),
+    ):
+        missing = []
+        for module in lora.modules:
+            if module.component.startswith(component) and not any(
+                module.module == t or module.module.endswith("." + t) for t in targets
+            ):
+                name = next((k for k in known if module.module.endswith("." + k)), None)
+                if name is None:
+                    raise StudioError(
+                        f"{lora.path}: adapts {module.component}.{module.module}, a layer this trainer does not "
+                        f"train (it trains {', '.join(known)})"
+                    )
+                missing.append(name)
+        if missing:
+            needed = targets + sorted(set(missing), key=known.index)
+            raise StudioError(f"{lora.path}: adapts layers outside the targets; pass {flag} {','.join(needed)}")
 
 
 def start_from_lora(lora: LoraFile, trained: dict[str, torch.nn.Module], family: str) -> None:
     """Set the new adapters to the file's changes: A from the file, B divided by the adapter's own scale
     (`read_lora` bakes the file's scale into its factors), so scale * B @ A is the file's delta for every
-    layer, whatever --alpha says. Targeted layers the file lacks keep their fresh start (no change)."""
+    layer, whatever --alpha says. Targeted layers the file lacks keep their fresh start (no change). The
+    file's layers are within the targets (`check_initial_lora_targets`); here they must exist and fit."""
     check_family(lora, family)
     for module in lora.modules:
         name = f"{module.component}.{module.module}"
@@ -417,14 +442,11 @@ def start_from_lora(lora: LoraFile, trained: dict[str, torch.nn.Module], family:
             layer = trained[module.component].get_submodule(module.module)
         except AttributeError:
             layer = None
-        if not isinstance(layer, BaseTunerLayer) or "default" not in layer.lora_A:
-            raise StudioError(
-                f"{lora.path}: adapts {name}, which the trained targets do not include "
-                "(see --unet-targets / --text-encoder-targets)"
-            )
         down, up = lora.state_dict[f"{name}.lora_A.weight"], lora.state_dict[f"{name}.lora_B.weight"]
+        if not isinstance(layer, BaseTunerLayer) or "default" not in layer.lora_A:
+            raise StudioError(f"{lora.path}: adapts {name}, which the base model does not have: for another model?")
         if layer.lora_A["default"].weight.shape != down.shape or layer.lora_B["default"].weight.shape != up.shape:
-            raise StudioError(f"{lora.path}: {name} has another shape than the base model's layer: another model?")
+            raise StudioError(f"{lora.path}: {name} does not fit the base model's layer: for another model?")
         with torch.no_grad():
             layer.lora_A["default"].weight.copy_(down)
             layer.lora_B["default"].weight.copy_(up / layer.scaling["default"])

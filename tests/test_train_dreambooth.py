@@ -242,6 +242,11 @@ def test_init_from_mismatches_are_one_line_errors_before_any_model_loads(sd_run,
         "rank 4, pass --rank 4": ["--rank", "8", "--train-text-encoder"],
         "adapts the text encoder too; add --train-text-encoder": [],
         "is plain LoRA: leave out --dora": ["--train-text-encoder", "--dora"],
+        "adapts layers outside the targets; pass --unet-targets to_q,to_k,to_v,to_out.0,proj_in,proj_out,"
+        "ff.net.0.proj,ff.net.2,conv1,conv2": ["--train-text-encoder", "--unet-targets", ",".join(ALL_ATTENTION)],
+        "pass --text-encoder-targets q_proj,k_proj,v_proj,out_proj": [
+            "--train-text-encoder", "--unet-targets", ",".join(BLOCK_TARGETS), "--text-encoder-targets", "q_proj,k_proj"
+        ],
     }
     for expected, flags in cases.items():
         assert main(common + flags) == 2
@@ -252,10 +257,12 @@ def test_init_from_mismatches_are_one_line_errors_before_any_model_loads(sd_run,
     assert not (tmp_path / "out").exists()
 
 
-def test_init_from_a_lora_for_other_layers_or_another_family_is_refused(sd_run, tmp_path):
-    with pytest.raises(StudioError, match=r"adapts unet\..*conv1, which the trained targets do not include"):
-        train(options(sd_run.tmp, output_dir=tmp_path / "a", init_from=sd_run.result.lora_path,
-                      unet_targets=ALL_ATTENTION, train_text_encoder=True))  # fmt: skip
+def test_init_from_a_lora_for_another_model_is_refused(sd_run, tmp_path):
+    elsewhere = tmp_path / "elsewhere.safetensors"  # a third down block: tiny-sd has two
+    module = "unet.down_blocks.2.attentions.0.transformer_blocks.0.attn1.to_k"
+    save_file({f"{module}.lora_A.weight": torch.randn(4, 64), f"{module}.lora_B.weight": torch.randn(64, 4)}, elsewhere)
+    with pytest.raises(StudioError, match=rf"adapts {module}, which the base model does not have"):
+        train(options(sd_run.tmp, output_dir=tmp_path / "a", init_from=elsewhere))
     sdxl_file = tmp_path / "sdxl.safetensors"  # cross-attention from 2048 channels: an SDXL LoRA
     module = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
     save_file({f"{module}.lora_A.weight": torch.randn(4, 2048), f"{module}.lora_B.weight": torch.randn(64, 4)},
