@@ -39,6 +39,8 @@ class BaseModel:
     source: str
     device: torch.device
     dtype: torch.dtype
+    base_config: str | None = None  # what a single-file source was loaded with: loading it again needs the same
+    allow_pickle: bool = False
 
 
 def pick_device_dtype(
@@ -115,7 +117,10 @@ def load_base(
     if pipeline.unet.dtype != dtype:  # casting to the dtype a model already has only earns a warning
         pipeline.to(dtype=dtype)
     pipeline.set_progress_bar_config(disable=True)
-    return BaseModel(pipeline=pipeline, family=family, source=name, device=device, dtype=dtype)
+    return BaseModel(
+        pipeline=pipeline, family=family, source=name, device=device, dtype=dtype,
+        base_config=str(config) if config else None, allow_pickle=allow_pickle,
+    )
 
 
 def _load_folder(path: Path, name: str) -> DiffusionPipeline:

@@ -332,9 +332,14 @@ class StudioApp:
         run = self.out_dir / "train" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
         images = run / "instance-images" if uploads else self._dataset_folder(dataset)
         output = run / "output"
-        args = ["--base", base_source(self.studio.base.source), "--instance-dir", str(images),
+        base = self.studio.base
+        args = ["--base", base_source(base.source), "--instance-dir", str(images),
                 "--output-dir", str(output), "--report-to", "none"]  # fmt: skip
-        if self.studio.base.device.type != "cpu":
+        if base.base_config:  # the trainer loads the base the way the app did
+            args += ["--base-config", base_source(base.base_config)]
+        if base.allow_pickle:
+            args.append("--allow-pickle")
+        if base.device.type != "cpu":
             args += ["--mixed-precision", "fp16"]
         for key, value in options.items():
             flag = "--" + key.replace("_", "-")

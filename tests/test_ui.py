@@ -23,6 +23,7 @@ from studio.checkpoint import ldm_state_dict
 from studio.errors import StudioError
 from studio.paths import DEMO_MODEL_DIR
 from studio.pngmeta import read_png_metadata
+from studio.train_dreambooth import main as train_main
 from studio.ui import StudioApp, UIOptions, build_app, launch
 
 BASE = "demo" if (DEMO_MODEL_DIR / "model_index.json").is_file() else "tiny-sd"
@@ -286,6 +287,25 @@ def test_app_opens_a_pickled_base_only_when_allowed(tmp_path, capsys, monkeypatc
     assert app_cli.main(flags + ["--allow-pickle"]) == 0
     [app] = launched
     assert torch.equal(app.studio.pipeline.unet.conv_in.weight, original.unet.conv_in.weight)
+
+
+def test_training_from_the_ui_loads_a_single_file_base_as_the_app_did(tmp_path, monkeypatch):
+    """The Train tab runs the trainer as a process: it must get the app's --base-config and --allow-pickle."""
+    original = load_base("tiny-sd", device="cpu").pipeline
+    original.save_pretrained(tmp_path / "config")
+    pickled = tmp_path / "model.ckpt"
+    torch.save({"state_dict": ldm_state_dict(original)}, pickled)
+    studio = Studio.from_base(str(pickled), device="cpu", config=str(tmp_path / "config"), allow_pickle=True)
+    app = StudioApp(studio, UIOptions(lora_dir=tmp_path / "l", out_dir=tmp_path / "o", render_previews=False))
+    started = []
+    monkeypatch.setattr(app.training, "start", lambda name, output, args: started.append(args))
+    image = tmp_path / "star.png"
+    Image.new("RGB", (64, 64), "purple").save(image)
+    app.start_training("star", [str(image)], None, {"instance_prompt": "a sks shape", "max_train_steps": 1})
+    [args] = started
+    assert args[args.index("--base-config") + 1] == str((tmp_path / "config").resolve())
+    assert "--allow-pickle" in args
+    assert train_main(args) == 0  # what the process would run, in this one
 
 
 def test_app_refuses_a_malformed_auth(tmp_path, capsys):
