@@ -23,6 +23,7 @@ from diffusers.training_utils import find_nearest_bucket, generate_aspect_ratio_
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from studio.errors import StudioError
+from studio.prompts import encode_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -307,44 +308,14 @@ def sample_latents(batch: dict, vae) -> torch.Tensor:
     return latents * vae.config.scaling_factor
 
 
-def encode_prompts(
-    text_encoders: list, tokenizers: list, prompts: list[str]
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Prompt embeddings as the SD pipelines make them (SD1/SD2: the last hidden state; SDXL: the
-    penultimate hidden states of both encoders side by side, plus the second encoder's pooled output).
-
-    Written out rather than calling `pipeline.encode_prompt` so that gradients flow through text encoders
-    that are being trained and wrapped for DDP, as in diffusers' own training scripts."""
-    if len(text_encoders) == 1:
-        text_encoder = text_encoders[0]
-        ids = _token_ids(tokenizers[0], prompts).to(_device_of(text_encoder))
-        return text_encoder(ids)[0], None
-    hidden_states, pooled = [], None
-    for text_encoder, tokenizer in zip(text_encoders, tokenizers):
-        output = text_encoder(_token_ids(tokenizer, prompts).to(_device_of(text_encoder)), output_hidden_states=True)
-        pooled = output[0]  # CLIPTextModelWithProjection (the last encoder): the projected pooled embedding
-        hidden_states.append(output.hidden_states[-2])
-    return torch.cat(hidden_states, dim=-1), pooled
-
-
-def _token_ids(tokenizer, prompts: list[str]) -> torch.Tensor:
-    return tokenizer(
-        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids
-
-
-def _device_of(module: torch.nn.Module) -> torch.device:
-    return next(module.parameters()).device
-
-
 class PromptCache:
     """Embeddings of every prompt the dataset uses, computed once while the text encoders are frozen."""
 
     @torch.no_grad()
-    def __init__(self, text_encoders: list, tokenizers: list, prompts: list[str]):
+    def __init__(self, text_encoders: list, tokenizers: list, prompts: list[str], clip_skip: int = 1):
         self.embeddings: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         for prompt in sorted(set(prompts)):
-            embeds, pooled = encode_prompts(text_encoders, tokenizers, [prompt])
+            embeds, pooled = encode_prompts(text_encoders, tokenizers, [prompt], clip_skip)
             self.embeddings[prompt] = (embeds[0], None if pooled is None else pooled[0])
 
     def lookup(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -153,6 +153,10 @@ class TrainConfig:
         "comma-separated UNet module names to adapt, e.g. to_k,to_q,to_v,to_out.0 (attn2.to_k: cross-attention only)",
     )
     train_text_encoder: bool = _option(False, "also train LoRA on the text encoder(s) (both for SDXL)")
+    clip_skip: int = _option(
+        1, "condition on the text encoder's output N - 1 layers before its last (A1111's \"Clip skip\", kohya's "
+        "--clip_skip; 2 for most anime models): train as the LoRA will be used"
+    )
     text_encoder_targets: list[str] = _option(
         ["q_proj", "k_proj", "v_proj", "out_proj"], "comma-separated text-encoder module names to adapt"
     )
@@ -251,6 +255,8 @@ class TrainConfig:
             raise StudioError(f"--dropout {self.dropout}: must be in [0, 1)")
         if self.caption_extension.lower() in (".", *IMAGE_SUFFIXES) or "/" in self.caption_extension:
             raise StudioError(f"--caption-extension {self.caption_extension!r}: a text file's extension, e.g. .txt")
+        if self.clip_skip < 1:
+            raise StudioError(f"--clip-skip {self.clip_skip}: must be at least 1 (1: the last layer, no skip)")
         if self.keep_tokens < 0:
             raise StudioError(f"--keep-tokens {self.keep_tokens}: must be at least 0")
         if not 0.0 <= self.caption_dropout_rate < 1.0:

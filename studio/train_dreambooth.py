@@ -30,7 +30,13 @@ import safetensors.torch
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, is_tensorboard_available, is_wandb_available, set_seed
+from accelerate.utils import (
+    DistributedDataParallelKwargs,
+    ProjectConfiguration,
+    is_tensorboard_available,
+    is_wandb_available,
+    set_seed,
+)
 from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, cast_training_params, compute_snr, free_memory, offload_models
@@ -50,12 +56,12 @@ from studio.data import (
     bucket_sizes,
     cache_latents,
     collate,
-    encode_prompts,
     sample_latents,
     scan_images,
 )
 from studio.errors import StudioError
 from studio.lora_io import LoraFile, check_family, read_lora
+from studio.prompts import check_clip_skip, encode_prompts, prompt_arguments
 from studio.train_config import TEXT_ENCODER_TARGETS, UNET_TARGETS, TrainConfig, option_defaults, parse_config
 
 logger = logging.getLogger("studio.train_dreambooth")
@@ -134,6 +140,10 @@ def train(config: TrainConfig, base: BaseModel | None = None) -> TrainResult:
             f"{config.base} trains on timesteps 0 to {num_timesteps - 1}"
         )
     resolution = config.resolution or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+    try:
+        check_clip_skip(text_encoders, config.clip_skip)
+    except StudioError as error:
+        raise StudioError(f"--clip-skip: {config.base}: {error}") from None
     for module in (unet, vae, *text_encoders):
         module.requires_grad_(False)
     # Seeded only now: loading may draw from the global RNG or reseed it (the tiny pipelines do), and the
@@ -179,7 +189,7 @@ def train(config: TrainConfig, base: BaseModel | None = None) -> TrainResult:
     prompt_cache = None
     if config.cache_prompt_embeddings and not config.train_text_encoder and not config.shuffle_caption:
         prompts = [r.prompt for r in instance_images + class_images] + [""] * (config.caption_dropout_rate > 0)
-        prompt_cache = PromptCache(text_encoders, tokenizers, prompts)
+        prompt_cache = PromptCache(text_encoders, tokenizers, prompts, config.clip_skip)
     if accelerator.device.type != "cpu":
         for module, idle in [(vae, dataset.latents is not None)] + [
             (te, prompt_cache is not None) for te in text_encoders
@@ -261,7 +271,9 @@ def train(config: TrainConfig, base: BaseModel | None = None) -> TrainResult:
                 if prompt_cache is not None:
                     prompt_embeds, pooled_embeds = prompt_cache.lookup(batch["prompts"])
                 else:
-                    prompt_embeds, pooled_embeds = encode_prompts(encoders_in_loop, tokenizers, batch["prompts"])
+                    prompt_embeds, pooled_embeds = encode_prompts(
+                        encoders_in_loop, tokenizers, batch["prompts"], config.clip_skip
+                    )
                 added_cond = None
                 if base.family == "sdxl":
                     added_cond = {"text_embeds": pooled_embeds, "time_ids": batch["time_ids"].to(latents.device)}
@@ -519,6 +531,8 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
             mixed_precision=config.mixed_precision,
             log_with=None if report_to == "none" else report_to,
             project_config=ProjectConfiguration(project_dir=config.output_dir, logging_dir=config.output_dir / "logs"),
+            # With clip skip the text encoders' last layers take no part in the loss: DDP must allow that.
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=config.clip_skip > 1)],
         )
     except ValueError as error:  # e.g. fp16 on a machine without a GPU
         raise StudioError(f"--mixed-precision {config.mixed_precision}: {str(error).splitlines()[0]}") from None
@@ -545,7 +559,7 @@ def complete_class_images(
             for start in range(0, len(my_numbers), config.sample_batch_size):
                 chunk = my_numbers[start : start + config.sample_batch_size]
                 images = pipeline(
-                    [config.class_prompt] * len(chunk),
+                    **prompt_arguments(pipeline, [config.class_prompt] * len(chunk), None, config.clip_skip),
                     num_inference_steps=config.inference_steps,
                     height=resolution,
                     width=resolution,
@@ -852,6 +866,7 @@ def lora_metadata(
         "ss_caption_dropout_rate": str(config.caption_dropout_rate),
         "ss_shuffle_caption": str(config.shuffle_caption),
         "ss_keep_tokens": str(config.keep_tokens),
+        "ss_clip_skip": str(config.clip_skip),
         "ss_min_snr_gamma": str(config.snr_gamma),
         "ss_prior_loss_weight": str(config.prior_loss_weight),
         "ss_output_name": config.output_dir.name,
@@ -878,7 +893,8 @@ def validation_images(config: TrainConfig, pipeline, accelerator, trained, vae, 
                 for i in range(config.num_validation_images)
             ]
             return pipeline(
-                [config.validation_prompt] * config.num_validation_images,
+                **prompt_arguments(pipeline, [config.validation_prompt] * config.num_validation_images, None,
+                                   config.clip_skip),
                 num_inference_steps=config.inference_steps,
                 height=config.resolution,
                 width=config.resolution,

@@ -16,10 +16,10 @@ from studio.data import (
     bucket_sizes,
     cache_latents,
     collate,
-    encode_prompts,
     load_pixels,
     scan_images,
 )
+from studio.prompts import encode_prompts
 from studio.tiny import tiny_sd_pipeline, tiny_sdxl_pipeline
 
 

@@ -408,7 +408,10 @@ def test_ema_saves_the_moving_average_of_the_weights_after_each_step(tmp_path):
     assert any(not torch.allclose(saved[k], per_step[-1][k]) for k in saved)  # the average is not the last step
 
 
-def test_two_process_torchrun_completes_and_writes_one_output(tmp_path):
+@pytest.mark.parametrize("clip_skip", [1, 2])
+def test_two_process_torchrun_completes_and_writes_one_output(tmp_path, clip_skip):
+    """At clip skip 2 the text encoder's last layer takes no part in the loss: DDP must accept that, and its
+    LoRA must stay untouched while every other one learns."""
     draw_images(tmp_path / "images", [(64, 64), (64, 64)])
     out = tmp_path / "out"
     command = [
@@ -416,7 +419,7 @@ def test_two_process_torchrun_completes_and_writes_one_output(tmp_path):
         "-m", "studio.train_dreambooth", "--base", "tiny-sd", "--instance-dir", str(tmp_path / "images"),
         "--instance_prompt", PROMPT, "--output-dir", str(out), "--max-train-steps", "2", "--checkpointing-steps", "1",
         "--report-to", "none",
-    ]  # fmt: skip
+    ] + (["--clip-skip", "2", "--train-text-encoder", "--text-encoder-lr", "1e-3"] if clip_skip == 2 else [])  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -427,8 +430,11 @@ def test_two_process_torchrun_completes_and_writes_one_output(tmp_path):
         LORA_FILE, "lora_training_state.safetensors", "optimizer.bin", "scheduler.bin",
         "random_states_0.pkl", "random_states_1.pkl",
     ])  # fmt: skip
-    lora_up = [t for key, t in load_file(out / LORA_FILE).items() if "lora_B" in key]
-    assert lora_up and all(t.abs().max() > 0 for t in lora_up)  # B starts at zero: the DDP steps updated it
+    lora_up = {key: t for key, t in load_file(out / LORA_FILE).items() if "lora_B" in key}
+    last_layer = f"layers.{tiny_sd_pipeline().text_encoder.config.num_hidden_layers - 1}."
+    skipped = {key for key in lora_up if key.startswith("text_encoder") and last_layer in key}
+    assert lora_up and len(skipped) == (4 if clip_skip == 2 else 0)  # q, k, v, out_proj of the last layer
+    assert all((t.abs().max() > 0) == (key not in skipped) for key, t in lora_up.items())  # B starts at zero
 
 
 def test_prior_preservation_generates_the_missing_class_images_and_keeps_them(tmp_path):
@@ -565,6 +571,26 @@ def test_shuffled_captions_reach_the_text_encoder_every_step(tmp_path, monkeypat
     assert len(encoded) == 12  # no prompt cache: each step encodes its own order
     assert all(p.startswith("sks, ") and sorted(p.split(", ")[1:]) == ["five arms", "purple", "star"] for p in encoded)
     assert len(set(encoded)) > 1
+
+
+def test_clip_skip_reaches_the_cached_prompts_and_the_validation_images(tmp_path, monkeypatch):
+    from studio import data
+
+    draw_images(tmp_path / "images", [(64, 64)])
+    skips = []
+    encode_prompts = data.encode_prompts
+
+    def recording_encode_prompts(encoders, tokenizers, prompts, clip_skip=1):
+        skips.append(clip_skip)
+        return encode_prompts(encoders, tokenizers, prompts, clip_skip)
+
+    monkeypatch.setattr(data, "encode_prompts", recording_encode_prompts)
+    result = train(options(tmp_path, clip_skip=2, validation_prompt=PROMPT, validation_steps=2, num_validation_images=1))
+    assert skips == [2]  # the one prompt, cached once
+    assert lora_metadata(result.lora_path)["ss_clip_skip"] == "2"
+    assert (tmp_path / "out" / "validation" / "step-000002-0.png").is_file()
+    with pytest.raises(StudioError, match=r"--clip-skip: tiny-sd: clip skip 9: must be from 1 to 5"):
+        train(options(tmp_path, output_dir=tmp_path / "too-deep", clip_skip=9))
 
 
 def test_fp16_save_precision_writes_the_same_lora_at_half_the_size(tmp_path):
