@@ -562,9 +562,9 @@ def test_shuffled_captions_reach_the_text_encoder_every_step(tmp_path, monkeypat
 
     encode_prompts = train_dreambooth.encode_prompts
 
-    def recording_encode_prompts(encoders, tokenizers, prompts):
+    def recording_encode_prompts(encoders, tokenizers, prompts, clip_skip=1):
         encoded.extend(prompts)
-        return encode_prompts(encoders, tokenizers, prompts)
+        return encode_prompts(encoders, tokenizers, prompts, clip_skip)
 
     monkeypatch.setattr(train_dreambooth, "encode_prompts", recording_encode_prompts)
     train(options(tmp_path, max_train_steps=12, shuffle_caption=True, keep_tokens=1))
