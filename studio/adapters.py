@@ -29,6 +29,7 @@ from transformers.utils import logging as transformers_logging
 from studio import lora_io
 from studio.base import BaseModel, load_base
 from studio.errors import StudioError
+from studio.prompts import prompt_arguments
 
 UNET_BLOCKS = ("down", "mid", "up")
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][\w.\-]{0,99}$")
@@ -221,17 +222,18 @@ class Studio:
         height: int | None = None,
         num_images: int = 1,
         blend: Blend | None = None,
+        clip_skip: int = 1,
     ) -> list[Image.Image]:
         """Render `num_images` images; image i uses seed `seed + i` (as A1111 does), so any one image can be
-        re-rendered alone. `blend` defaults to the studio's blend at the moment of the call."""
+        re-rendered alone. `blend` defaults to the studio's blend at the moment of the call; `clip_skip` is
+        A1111's (1: the text encoder's last layer)."""
         blend = self._blend if blend is None else blend
         _check_size(width, height)
         generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(num_images)]
         options = {} if guidance is None else {"guidance_scale": guidance}
         with self.computing(blend) as pipeline:
             result = pipeline(
-                prompt,
-                negative_prompt=negative_prompt,
+                **prompt_arguments(pipeline, prompt, negative_prompt, clip_skip),
                 num_inference_steps=steps,
                 width=width,
                 height=height,

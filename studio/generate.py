@@ -40,11 +40,12 @@ from studio.base import pick_device_dtype
 from studio.errors import StudioError
 from studio.grid import labelled_grid
 from studio.pngmeta import read_png_metadata, save_png
+from studio.prompts import check_clip_skip, pipeline_text_encoders
 from studio.recipe import Job, Recipe, load_recipe
 
 RECORD_FORMAT = "lora-studio/1"
 NAMED_BASES = ("demo", "tiny-sd", "tiny-sdxl")  # what `studio.base.load_base` reads as names, never as paths
-SINGLE_PROMPT_FLAGS = ("base", "lora", "negative_prompt", "seed", "num_images", "steps", "guidance", "width", "height", "name")
+SINGLE_PROMPT_FLAGS = ("base", "lora", "negative_prompt", "seed", "num_images", "steps", "guidance", "width", "height", "clip_skip", "name")
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ class PlannedImage:
     guidance: float
     width: int | None
     height: int | None
+    clip_skip: int
     weights: dict[str, Weight | LoraTag]
     fuse: bool
     where: str  # the job or file it comes from, for error messages
@@ -117,7 +119,7 @@ def plan_recipe(recipe: Recipe) -> Plan:
             for name in _adapter_names(job, weights):
                 used.setdefault(name, where)
             common = dict(prompt=prompt, negative_prompt=job.negative_prompt, steps=job.steps, guidance=job.guidance,
-                          width=job.width, height=job.height, fuse=job.fuse, where=where)  # fmt: skip
+                          width=job.width, height=job.height, clip_skip=job.clip_skip, fuse=job.fuse, where=where)  # fmt: skip
             if job.sweep is None:
                 stem = job.name if len(job.prompts) == 1 else f"{job.name}-p{prompt_index + 1}"
                 for seed in job.seeds:
@@ -188,6 +190,7 @@ def plan_from_image(path: Path, out: Path, lora_dir: Path | None = None) -> Plan
             guidance=record["guidance"],
             width=record["width"],
             height=record["height"],
+            clip_skip=record.get("clip_skip", 1),  # records before clip skip existed rendered at 1
             weights={a["name"]: a["weight"] for a in record["adapters"]},
             fuse=record["fused"],
             where=str(path),
@@ -289,6 +292,7 @@ def execute(plan: Plan, overwrite: bool = False) -> list[Path]:
                 width=first.record["width"],
                 height=first.record["height"],
                 blend=first.blend,
+                clip_skip=first.image.clip_skip,
             )
             for position, render in batch.members:
                 save_png(render.image.path, pictures[position], render.parameters, render.record)
@@ -331,12 +335,14 @@ def _prepare(studio: Studio, plan: Plan, image: PlannedImage, files: dict) -> _R
     }
     try:
         blend = studio.make_blend(weights, fused=image.fuse)
+        check_clip_skip(pipeline_text_encoders(studio.pipeline), image.clip_skip)
     except StudioError as error:
         raise StudioError(f"{image.where}: {error}") from None
     default_width, default_height = default_size(studio.pipeline)
     parameters, record = image_metadata(
         studio, plan.base, image.prompt, image.negative_prompt, image.seed, image.steps, image.guidance,
         image.width or default_width, image.height or default_height, blend.active(), files, fused=blend.fused,
+        clip_skip=image.clip_skip,
     )
     return _Render(image=image, blend=blend, record=record, parameters=parameters)
 
@@ -354,9 +360,11 @@ def image_metadata(
     active: Mapping[str, Weight],
     files: Mapping[str, Mapping[str, str]],
     fused: bool = False,
+    clip_skip: int = 1,
 ) -> tuple[str, dict]:
     """A1111's `parameters` text (so A1111/civitai read the settings) and the exact record `--from-image`
-    re-renders from, for one image. `files` gives each active adapter's "source" path and lora_io hashes."""
+    re-renders from, for one image. `files` gives each active adapter's "source" path and lora_io hashes.
+    Clip skip appears only above 1, as A1111 writes it (and so records made before it existed still match)."""
     scheduler = type(studio.pipeline.scheduler).__name__
     record = {
         "format": RECORD_FORMAT,
@@ -373,6 +381,7 @@ def image_metadata(
         "width": width,
         "height": height,
         "fused": bool(fused and active),
+        **({"clip_skip": clip_skip} if clip_skip > 1 else {}),
         "adapters": [
             {"name": name, "weight": weight, "source": files[name]["source"], "sha256": files[name]["sha256"]}
             for name, weight in active.items()
@@ -386,6 +395,8 @@ def image_metadata(
         "Size": f"{width}x{height}",
         "Model": Path(base).name.removesuffix(".safetensors"),
     }
+    if clip_skip > 1:
+        params["Clip skip"] = clip_skip
     if active:
         params["Lora hashes"] = ", ".join(f"{name}: {files[name]['a1111_hash']}" for name in active)
     tags = [tag for name, weight in active.items() if (tag := format_lora_tag(name, weight))]
@@ -491,6 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
     single.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
     single.add_argument("--width", type=int)
     single.add_argument("--height", type=int)
+    single.add_argument("--clip-skip", type=int, default=1, metavar="N", help="A1111's clip skip: 1 (default) uses the text encoder's last layer, 2 the one before")
     single.add_argument("--name", help="file name stem (default: from the prompt)")
     common = parser.add_argument_group("any mode")
     common.add_argument("--lora-dir", type=Path, metavar="DIR", help="folder searched (recursively) for <name>.safetensors")
@@ -563,6 +575,7 @@ def _recipe_from_flags(args: argparse.Namespace) -> Recipe:
             guidance=args.guidance,
             width=args.width,
             height=args.height,
+            clip_skip=args.clip_skip,
             loras=loras,
             fuse=args.fuse,
         )

@@ -51,9 +51,7 @@ def prompt_arguments(
     if clip_skip == 1:
         return {"prompt": prompt, "negative_prompt": negative_prompt}
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    text_encoders = [pipeline.text_encoder] + (
-        [pipeline.text_encoder_2] if getattr(pipeline, "text_encoder_2", None) is not None else []
-    )
+    text_encoders = pipeline_text_encoders(pipeline)
     tokenizers = [pipeline.tokenizer] + ([pipeline.tokenizer_2] if len(text_encoders) == 2 else [])
     embeds, pooled = encode_prompts(text_encoders, tokenizers, prompts, clip_skip)
     negative_embeds, negative_pooled = encode_prompts(
@@ -65,6 +63,12 @@ def prompt_arguments(
     if pooled is not None:
         arguments |= {"pooled_prompt_embeds": pooled, "negative_pooled_prompt_embeds": negative_pooled}
     return arguments
+
+
+def pipeline_text_encoders(pipeline) -> list[torch.nn.Module]:
+    """The SD pipeline's text encoder, or SDXL's two."""
+    second = getattr(pipeline, "text_encoder_2", None)
+    return [pipeline.text_encoder] + ([second] if second is not None else [])
 
 
 def check_clip_skip(text_encoders: list, clip_skip: int) -> None:

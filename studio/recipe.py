@@ -24,7 +24,7 @@ JOB_NAME = re.compile(r"^[A-Za-z0-9][\w.\-]{0,99}$")
 MAX_SEED = 2**63 - 1
 RECIPE_KEYS = ("base", "out", "lora_dir", "adapters", "batch_size", "defaults", "jobs")
 JOB_KEYS = ("name", "prompt", "negative_prompt", "seeds", "seed", "num_images", "steps", "guidance",
-            "width", "height", "loras", "fuse", "sweep")  # fmt: skip
+            "width", "height", "clip_skip", "loras", "fuse", "sweep")  # fmt: skip
 DEFAULT_KEYS = tuple(key for key in JOB_KEYS if key not in ("name", "sweep"))
 SEED_KEYS = ("seeds", "seed", "num_images")
 
@@ -123,6 +123,7 @@ class Job:
     guidance: float = 7.5
     width: int | None = None
     height: int | None = None
+    clip_skip: int = 1  # A1111's: 1 is the text encoder's last layer, 2 the one before
     loras: dict[str, float | dict] = field(default_factory=dict)
     fuse: bool = False
     sweep: Sweep | None = None
@@ -150,6 +151,8 @@ class Job:
             value = getattr(self, key)
             if value is not None and (not _is_int(value) or value <= 0 or value % 8):
                 raise StudioError(f"{key} must be a positive multiple of 8, not {value!r}")
+        if not _is_int(self.clip_skip) or self.clip_skip < 1:
+            raise StudioError(f"clip_skip must be an integer >= 1 (1: no skip), not {self.clip_skip!r}")
         if not isinstance(self.loras, Mapping):
             raise StudioError(f"loras must be a table of adapter = weight, not {self.loras!r}")
         for name, weight in self.loras.items():

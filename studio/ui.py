@@ -35,6 +35,7 @@ from studio.grid import labelled_grid
 from studio.library import DEFAULT_MAX_UPLOAD_BYTES, SUFFIX, LibraryEntry, LoraLibrary, check_name, safe_name
 from studio.merge import MERGE_METHODS, merge_loras
 from studio.pngmeta import save_png
+from studio.prompts import pipeline_text_encoders
 from studio.train_config import TEXT_ENCODER_TARGETS, UNET_TARGETS, parse_config
 from studio.train_job import TrainingJob, TrainStatus
 
@@ -81,6 +82,8 @@ class StudioApp:
         self.library.scan()
         self.training = TrainingJob(on_finished=self._add_trained_lora)
         self.default_width, self.default_height = default_size(studio.pipeline)
+        # the largest clip skip the model's text encoder(s) allow
+        self.clip_layers = min(e.config.num_hidden_layers for e in pipeline_text_encoders(studio.pipeline))
         self._image_lock = threading.Lock()  # numbering of saved images
         self._hashes: dict[tuple[Path, float, int], dict[str, str]] = {}
 
@@ -120,11 +123,12 @@ class StudioApp:
         num_images: int = 1,
         lora_off: bool = False,
         blend: dict | None = None,
+        clip_skip: int = 1,
     ) -> tuple[list[tuple[str, str]], str, int]:
         """Render and save PNGs (with A1111 parameters and our record); return (gallery, summary, seed used)."""
         text, chosen = self.blend_for(prompt, blend, lora_off)
         seed = _seed(seed)
-        settings = self._settings(negative_prompt, seed, steps, guidance, width, height)
+        settings = self._settings(negative_prompt, seed, steps, guidance, width, height, clip_skip)
         images = self.studio.generate(text, **settings, num_images=int(num_images), blend=chosen)
         folder = self._image_folder()
         gallery = []
@@ -144,6 +148,7 @@ class StudioApp:
         height: int | None = None,
         num_images: int = 1,
         blend: dict | None = None,
+        clip_skip: int = 1,
     ) -> tuple[list[tuple[str, str]], str, int]:
         """Base model | each active adapter alone | the blend, same seeds, as one labelled grid (first in
         the gallery) followed by the cells. One row per image."""
@@ -152,7 +157,7 @@ class StudioApp:
         if not active:
             raise StudioError("Compare needs at least one LoRA switched on (or a <lora:name:w> tag in the prompt)")
         seed = _seed(seed)
-        settings = self._settings(negative_prompt, seed, steps, guidance, width, height)
+        settings = self._settings(negative_prompt, seed, steps, guidance, width, height, clip_skip)
         columns = [("base model", self.studio.make_blend({}, enabled=False))]
         columns += [
             (f"{name} {_weight_label(weight)}", self.studio.make_blend({name: weight}))
@@ -179,7 +184,7 @@ class StudioApp:
         gallery.insert(0, (str(grid_path), " | ".join(label for label, _ in columns)))
         return gallery, self._summary(text, settings, chosen, int(num_images), folder, compare=True), seed
 
-    def _settings(self, negative_prompt, seed, steps, guidance, width, height) -> dict:
+    def _settings(self, negative_prompt, seed, steps, guidance, width, height, clip_skip) -> dict:
         return {
             "negative_prompt": negative_prompt or None,
             "seed": seed,
@@ -187,6 +192,7 @@ class StudioApp:
             "guidance": float(guidance),
             "width": int(width or self.default_width),
             "height": int(height or self.default_height),
+            "clip_skip": int(clip_skip or 1),
         }
 
     def _summary(self, text: str, settings: dict, blend: Blend, count: int, folder: Path, compare: bool = False) -> str:
@@ -199,7 +205,9 @@ class StudioApp:
         what = "Compared" if compare else "Rendered"
         return (
             f"{what} **{text or '(empty prompt)'}** · {seeds} · {settings['steps']} steps · CFG {format_number(settings['guidance'])}"
-            f" · {settings['width']}×{settings['height']} · {loras}  \nSaved with their settings in `{_display_path(folder)}`"
+            f" · {settings['width']}×{settings['height']}"
+            + (f" · clip skip {settings['clip_skip']}" if settings["clip_skip"] > 1 else "")
+            + f" · {loras}  \nSaved with their settings in `{_display_path(folder)}`"
         )
 
     def _image_folder(self) -> Path:
@@ -221,7 +229,7 @@ class StudioApp:
         return image_metadata(
             self.studio, self.studio.base.source, text, settings["negative_prompt"] or "", settings["seed"],
             settings["steps"], settings["guidance"], settings["width"], settings["height"], active,
-            {name: self._file_facts(name) for name in active},
+            {name: self._file_facts(name) for name in active}, clip_skip=settings["clip_skip"],
         )
 
     def _file_facts(self, name: str) -> dict[str, str]:
@@ -404,7 +412,7 @@ class StudioApp:
             ("inputs blended", self.studio.make_blend(dict(zip(names, weights)))),
             (f"merged ({method})", self.studio.make_blend({entry.name: 1.0})),
         ]
-        settings = self._settings("", 0, 20, 7.5, None, None)
+        settings = self._settings("", 0, 20, 7.5, None, None, 1)
         folder = self._image_folder()
         gallery = []
         for label, blend in columns:
@@ -539,20 +547,23 @@ def build_app(app: StudioApp) -> gr.Blocks:
                             width = gr.Slider(8, top, value=app.default_width, step=8, label="Width")
                             height = gr.Slider(8, top, value=app.default_height, step=8, label="Height")
                             count = gr.Slider(1, 8, value=1, step=1, label="Images")
+                        clip_skip = gr.Slider(
+                            1, min(12, app.clip_layers), value=1, step=1, label="Clip skip (2 for most anime models)"
+                        )
 
             random_seed.click(lambda: -1, None, seed, queue=False, api_visibility="private")
             reuse_seed.click(lambda used: used, last_seed, seed, queue=False, api_visibility="private")
             settings = [prompt, negative, seed, steps, guidance, width, height, count]
             generate_button.click(
-                _shown(app.generate), [*settings, lora_off, blend_spec], [gallery, summary, last_seed],
+                _shown(app.generate), [*settings, lora_off, blend_spec, clip_skip], [gallery, summary, last_seed],
                 api_name="generate", concurrency_id="render",
             )  # fmt: skip
             prompt.submit(
-                _shown(app.generate), [*settings, lora_off, blend_spec], [gallery, summary, last_seed],
+                _shown(app.generate), [*settings, lora_off, blend_spec, clip_skip], [gallery, summary, last_seed],
                 api_visibility="private", concurrency_id="render",
             )  # fmt: skip
             compare_button.click(
-                _shown(app.compare), [*settings, blend_spec], [gallery, summary, last_seed],
+                _shown(app.compare), [*settings, blend_spec, clip_skip], [gallery, summary, last_seed],
                 api_name="compare", concurrency_id="render",
             )  # fmt: skip
 

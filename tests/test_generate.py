@@ -397,3 +397,26 @@ def test_single_file_bases_render_with_their_config_and_pickles_only_when_allowe
     again = ["--from-image", str(tmp_path / "single" / "x-s0.png"), "--out", str(tmp_path / "again")]
     assert main(again + config) == 0
     assert np.array_equal(pixels(tmp_path / "again" / "x-s0.png"), expected)
+
+
+def test_clip_skip_is_written_as_a1111_does_and_re_renders_bit_identically(tmp_path, capsys):
+    flags = ["--prompt", "a red circle", *FAST_FLAGS, "--name", "x", "--out"]
+    assert main(flags + [str(tmp_path / "plain")]) == 0
+    assert main(flags + [str(tmp_path / "skip"), "--clip-skip", "2"]) == 0
+    plain_text, plain_record = read_png_metadata(tmp_path / "plain" / "x-s0.png")
+    skip_text, skip_record = read_png_metadata(tmp_path / "skip" / "x-s0.png")
+    assert "Clip skip" not in parse_infotext(plain_text) and "clip_skip" not in plain_record  # as before it existed
+    assert parse_infotext(skip_text)["Clip skip"] == "2" and skip_record["clip_skip"] == 2
+    assert not np.array_equal(pixels(tmp_path / "plain" / "x-s0.png"), pixels(tmp_path / "skip" / "x-s0.png"))
+    capsys.readouterr()
+    assert main(["--from-image", str(tmp_path / "skip" / "x-s0.png"), "--out", str(tmp_path / "again")]) == 0
+    assert np.array_equal(pixels(tmp_path / "again" / "x-s0.png"), pixels(tmp_path / "skip" / "x-s0.png"))
+
+    recipe_file = tmp_path / "r.toml"
+    recipe_file.write_text('base = "tiny-sd"\n[defaults]\nclip_skip = 2\nsteps = 2\nwidth = 16\nheight = 16\n'
+                           '[[jobs]]\nname = "x"\nprompt = "a red circle"\n')  # fmt: skip
+    assert main(["--recipe", str(recipe_file), "--out", str(tmp_path / "recipe")]) == 0
+    assert np.array_equal(pixels(tmp_path / "recipe" / "x-s0.png"), pixels(tmp_path / "skip" / "x-s0.png"))
+    assert main(flags + [str(tmp_path / "deep"), "--clip-skip", "9"]) == 2
+    assert "clip skip 9: must be from 1 to 5" in capsys.readouterr().err
+    assert not (tmp_path / "deep").exists()

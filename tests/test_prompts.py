@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from transformers import CLIPTextModel
@@ -70,3 +71,37 @@ def test_a_clip_skip_outside_the_encoder_is_refused(clip_skip):
     pipe = tiny_sd_pipeline()  # 5 layers
     with pytest.raises(StudioError, match=rf"clip skip {clip_skip}: must be from 1 to 5"):
         encode_prompts([pipe.text_encoder], [pipe.tokenizer], PROMPTS, clip_skip)
+
+
+def test_studio_renders_clip_skip_from_the_stopped_encoder_for_prompt_and_negative_prompt():
+    from studio.adapters import Studio
+    from studio.base import load_base
+
+    studio = Studio(load_base("tiny-sd", device="cpu"))
+    pipe = studio.pipeline
+
+    def stopped_embeddings(text: str) -> torch.Tensor:
+        ids = pipe.tokenizer([text], padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids  # fmt: skip
+        with torch.no_grad():
+            return truncated(pipe.text_encoder, pipe.text_encoder.config.num_hidden_layers - 1)(ids).last_hidden_state
+
+    settings = dict(seed=3, steps=2, width=16, height=16)
+    skipped = np.asarray(studio.generate("a red circle", negative_prompt="blurry", clip_skip=2, **settings)[0])
+    expected = pipe(
+        prompt_embeds=stopped_embeddings("a red circle"), negative_prompt_embeds=stopped_embeddings("blurry"),
+        num_inference_steps=2, width=16, height=16, generator=torch.Generator().manual_seed(3),
+    ).images[0]  # fmt: skip
+    assert np.array_equal(skipped, np.asarray(expected))
+    default = np.asarray(studio.generate("a red circle", negative_prompt="blurry", **settings)[0])
+    assert not np.array_equal(skipped, default)
+
+
+def test_sdxl_studio_renders_at_a_clip_skip():
+    from studio.adapters import Studio
+    from studio.base import load_base
+
+    studio = Studio(load_base("tiny-sdxl", device="cpu"))
+    settings = dict(seed=3, steps=2, width=32, height=32)
+    images = [np.asarray(studio.generate("a red circle", clip_skip=k, **settings)[0]) for k in (1, 2)]
+    assert images[0].shape == images[1].shape and not np.array_equal(*images)

@@ -144,6 +144,16 @@ def test_random_seed_is_reported_and_reproducible(served):
     assert np.array_equal(first, second)
 
 
+def test_clip_skip_from_the_ui_renders_as_the_studio_does_and_is_written_down(served):
+    gallery, summary = served.generate(clip_skip=2, blend={})
+    assert "clip skip 2" in summary
+    image = Image.open(gallery[0]["image"])
+    blend = served.app.studio.make_blend({}, enabled=False)
+    expected = served.app.studio.generate(PROMPT, seed=SEED, steps=STEPS, guidance=7.5, blend=blend, clip_skip=2)[0]
+    assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(expected))
+    assert parse_infotext(image.info["parameters"])["Clip skip"] == "2"
+
+
 def test_compare_returns_base_each_adapter_and_blend(served, base_image):
     spec = {"stripes": {"on": True, "weight": 0.8}, "outline": {"on": True, "weight": 0.6}}
     gallery, _ = served.client.predict(prompt=PROMPT, seed=SEED, steps=STEPS, blend=spec, api_name="/compare")
