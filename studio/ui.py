@@ -774,10 +774,15 @@ def _train_tab(app: StudioApp, library_version: gr.Number, train_tab: gr.Tab) ->
                     validation_steps = gr.Number(label="Validation every N steps", value=100, precision=0, minimum=1)
                     num_validation_images = gr.Number(label="Validation images", value=2, precision=0, minimum=1)
                     inference_steps = gr.Number(label="Validation denoising steps", value=25, precision=0, minimum=1)
-                max_timestep = gr.Number(
-                    label="Train only on timesteps below (0 = all; about 600 for a style: textures, not shapes)",
-                    value=0, precision=0, minimum=0, maximum=1000,
-                )  # fmt: skip
+                with gr.Row():
+                    max_timestep = gr.Number(
+                        label="Train only on timesteps below (0 = all; about 600 for a style: textures, not shapes)",
+                        value=0, precision=0, minimum=0, maximum=1000, scale=3,
+                    )  # fmt: skip
+                    train_clip_skip = gr.Number(
+                        label="Clip skip (as the LoRA will be used)", value=1, precision=0, minimum=1,
+                        maximum=app.clip_layers, scale=2,
+                    )  # fmt: skip
                 with gr.Row():
                     random_flip = gr.Checkbox(label="random horizontal flip", value=False)
                     export_kohya = gr.Checkbox(label="also write a kohya copy (A1111/ComfyUI)", value=False)
@@ -797,7 +802,7 @@ def _train_tab(app: StudioApp, library_version: gr.Number, train_tab: gr.Tab) ->
     def start_training(
         name, images, dataset, instance_prompt, validation_prompt, max_train_steps, learning_rate, rank, unet_targets,
         train_text_encoder, text_encoder_targets, resolution, train_batch_size, repeats, seed, validation_steps,
-        num_validation_images, inference_steps, max_timestep, random_flip, export_kohya,
+        num_validation_images, inference_steps, max_timestep, random_flip, export_kohya, clip_skip,
     ):  # fmt: skip
         options = {
             "instance_prompt": instance_prompt, "validation_prompt": validation_prompt or None,
@@ -807,7 +812,7 @@ def _train_tab(app: StudioApp, library_version: gr.Number, train_tab: gr.Tab) ->
             "resolution": resolution or None, "train_batch_size": train_batch_size, "repeats": repeats, "seed": seed,
             "validation_steps": validation_steps, "num_validation_images": num_validation_images,
             "inference_steps": inference_steps, "max_timestep": max_timestep or None, "random_flip": random_flip,
-            "export_kohya": export_kohya,
+            "export_kohya": export_kohya, "clip_skip": clip_skip,
             "checkpointing_steps": max_train_steps,  # the UI keeps no resumable checkpoints: they cost time and disk
         }  # fmt: skip
         return app.start_training(name, images, dataset, options), gr.Timer(active=True)
@@ -826,7 +831,7 @@ def _train_tab(app: StudioApp, library_version: gr.Number, train_tab: gr.Tab) ->
     settings = [name, images, dataset, instance_prompt, validation_prompt, max_train_steps, learning_rate, rank,
                 unet_targets, train_text_encoder, text_encoder_targets, resolution, train_batch_size, repeats, seed,
                 validation_steps, num_validation_images, inference_steps, max_timestep, random_flip,
-                export_kohya]  # fmt: skip
+                export_kohya, train_clip_skip]  # fmt: skip
     outputs = [progress, validation, log, poll, library_version]
     start.click(_shown(start_training), settings, [progress, poll], api_name="train")
     cancel.click(_shown(app.cancel_training), None, progress, api_name="cancel_training").then(

@@ -53,7 +53,7 @@ def train_settings(images, name, steps, **changes):
         "unet_targets": ["to_k", "to_v"], "train_text_encoder": False, "text_encoder_targets": ["q_proj"],
         "resolution": 0, "train_batch_size": 1, "repeats": 1, "seed": 0, "validation_steps": 1,
         "num_validation_images": 1, "inference_steps": 1, "max_timestep": 0, "random_flip": False,
-        "export_kohya": False,
+        "export_kohya": False, "clip_skip": 1,
     }  # fmt: skip
     settings.update(changes)
     return settings
@@ -61,7 +61,7 @@ def train_settings(images, name, steps, **changes):
 
 def test_training_reports_progress_refuses_a_second_start_and_adds_the_lora(served, instance_images):
     app, client = served
-    client.predict(**train_settings(instance_images, "sks", steps=2, max_timestep=600), api_name="/train")
+    client.predict(**train_settings(instance_images, "sks", steps=2, max_timestep=600, clip_skip=2), api_name="/train")
     with pytest.raises(AppError, match="already running"):
         client.predict(**train_settings(instance_images, "other", steps=2), api_name="/train")
 
@@ -75,6 +75,7 @@ def test_training_reports_progress_refuses_a_second_start_and_adds_the_lora(serv
 
     run = json.loads((status.lora.parent / RUN_FILE).read_text())
     assert (run["min_timestep"], run["max_timestep"]) == (0, 600)  # the style setting reached the trainer
+    assert run["clip_skip"] == 2
 
     run_images = sorted(p.name for p in (status.lora.parent.parent / "instance-images").iterdir())
     assert run_images == ["star_0.png", "star_0.txt", "star_1.png", "star_2.png"]  # safe names, caption kept beside
