@@ -23,6 +23,7 @@ import resource
 import shutil
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -324,7 +325,7 @@ def train(config: TrainConfig, base: BaseModel | None = None) -> TrainResult:
 
             paused_at = time.perf_counter()
             if global_step % config.checkpointing_steps == 0 and global_step < config.max_train_steps:
-                metadata = lora_metadata(config, base, global_step, resolution, len(instance_images), len(class_images))
+                metadata = lora_metadata(config, base, global_step, resolution, instance_images, len(class_images))
                 save_checkpoint(accelerator, config, global_step, trained, initial_state, base.family, metadata, ema)
             if config.validation_prompt and global_step % config.validation_steps == 0 and accelerator.is_main_process:
                 with averaged_weights(ema, trained_params):
@@ -342,7 +343,7 @@ def train(config: TrainConfig, base: BaseModel | None = None) -> TrainResult:
         ema.copy_to(trained_params)  # from here on the adapters are the average: saved, sampled and handed back
     lora_path, kohya_path = config.output_dir / LORA_FILE, None
     if accelerator.is_main_process:
-        metadata = lora_metadata(config, base, global_step, resolution, len(instance_images), len(class_images))
+        metadata = lora_metadata(config, base, global_step, resolution, instance_images, len(class_images))
         save_dtype = DTYPES[config.save_precision]
         lora_path = save_lora(config.output_dir, trained, initial_state, base.family, metadata, save_dtype)
         if config.export_kohya:
@@ -820,9 +821,12 @@ def export_kohya(
 
 
 def lora_metadata(
-    config: TrainConfig, base: BaseModel, steps: int, resolution: int, num_images: int, num_class: int
+    config: TrainConfig, base: BaseModel, steps: int, resolution: int, images: list[ImageRecord], num_class: int
 ) -> dict[str, str]:
-    """Safetensors metadata: `studio.*` keys, and kohya's `ss_*` keys where one means the same thing."""
+    """Safetensors metadata: `studio.*` keys, and kohya's `ss_*` keys where one means the same thing.
+
+    `ss_tag_frequency` counts, as kohya does, in how many instance captions each comma-separated tag
+    appears, under the instance folder's name: what civitai and A1111 show as the training tags."""
     v_prediction = base.pipeline.scheduler.config.get("prediction_type") == "v_prediction"
     return {
         "studio.base_model": base.source,
@@ -870,11 +874,11 @@ def lora_metadata(
         "ss_min_snr_gamma": str(config.snr_gamma),
         "ss_prior_loss_weight": str(config.prior_loss_weight),
         "ss_output_name": config.output_dir.name,
-        "ss_num_train_images": str(num_images * config.repeats),
+        "ss_num_train_images": str(len(images) * config.repeats),
         "ss_num_reg_images": str(num_class),
-        "ss_tag_frequency": json.dumps(
-            {"instance": {w.strip(): 1 for w in config.trigger_words.split(",") if w.strip()}}
-        ),
+        "ss_tag_frequency": json.dumps({
+            config.instance_dir.name: Counter(tag for image in images for tag in _tags(image.prompt))
+        }),
     }
 
 
@@ -936,6 +940,10 @@ def save_comparison_grid(config: TrainConfig, pipeline, accelerator, trained, va
 
 
 # ---- small helpers -----------------------------------------------------------------------------------------
+
+
+def _tags(caption: str) -> set[str]:
+    return {tag.strip() for tag in caption.split(",") if tag.strip()}
 
 
 def tracker_config(config: TrainConfig) -> dict:

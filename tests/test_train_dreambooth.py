@@ -178,6 +178,7 @@ def test_metadata_describes_the_training(sd_run):
     assert metadata["studio.family"] == "sd1"
     assert metadata["studio.base_model"] == "tiny-sd"
     assert metadata["studio.trigger_words"] == PROMPT
+    assert json.loads(metadata["ss_tag_frequency"]) == {"images": {PROMPT: 2}}  # two images, no caption files
     assert metadata["studio.steps"] == "30" == metadata["ss_steps"]
     assert metadata["studio.unet_targets"] == ",".join(BLOCK_TARGETS)
     assert metadata["ss_network_dim"] == "4" and metadata["ss_network_alpha"] == "4.0"
@@ -419,7 +420,9 @@ def test_two_process_torchrun_completes_and_writes_one_output(tmp_path, clip_ski
         "-m", "studio.train_dreambooth", "--base", "tiny-sd", "--instance-dir", str(tmp_path / "images"),
         "--instance_prompt", PROMPT, "--output-dir", str(out), "--max-train-steps", "2", "--checkpointing-steps", "1",
         "--report-to", "none",
-    ] + (["--clip-skip", "2", "--train-text-encoder", "--text-encoder-lr", "1e-3"] if clip_skip == 2 else [])  # fmt: skip
+    ]  # fmt: skip
+    if clip_skip == 2:
+        command += ["--clip-skip", "2", "--train-text-encoder", "--text-encoder-lr", "1e-3"]
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -571,6 +574,8 @@ def test_shuffled_captions_reach_the_text_encoder_every_step(tmp_path, monkeypat
     assert len(encoded) == 12  # no prompt cache: each step encodes its own order
     assert all(p.startswith("sks, ") and sorted(p.split(", ")[1:]) == ["five arms", "purple", "star"] for p in encoded)
     assert len(set(encoded)) > 1
+    tags = json.loads(lora_metadata(tmp_path / "out" / LORA_FILE)["ss_tag_frequency"])
+    assert tags == {"images": {"sks": 1, "purple": 1, "star": 1, "five arms": 1}}  # kohya's: per caption
 
 
 def test_clip_skip_reaches_the_cached_prompts_and_the_validation_images(tmp_path, monkeypatch):
@@ -585,7 +590,9 @@ def test_clip_skip_reaches_the_cached_prompts_and_the_validation_images(tmp_path
         return encode_prompts(encoders, tokenizers, prompts, clip_skip)
 
     monkeypatch.setattr(data, "encode_prompts", recording_encode_prompts)
-    result = train(options(tmp_path, clip_skip=2, validation_prompt=PROMPT, validation_steps=2, num_validation_images=1))
+    result = train(
+        options(tmp_path, clip_skip=2, validation_prompt=PROMPT, validation_steps=2, num_validation_images=1)
+    )
     assert skips == [2]  # the one prompt, cached once
     assert lora_metadata(result.lora_path)["ss_clip_skip"] == "2"
     assert (tmp_path / "out" / "validation" / "step-000002-0.png").is_file()
