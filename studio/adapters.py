@@ -29,7 +29,7 @@ from transformers.utils import logging as transformers_logging
 from studio import lora_io
 from studio.base import BaseModel, load_base
 from studio.errors import StudioError
-from studio.prompts import prompt_arguments
+from studio.prompts import check_clip_skip, pipeline_text_encoders, prompt_arguments
 
 UNET_BLOCKS = ("down", "mid", "up")
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][\w.\-]{0,99}$")
@@ -229,6 +229,7 @@ class Studio:
         A1111's (1: the text encoder's last layer)."""
         blend = self._blend if blend is None else blend
         _check_size(width, height)
+        check_clip_skip(self.family, pipeline_text_encoders(self.pipeline), clip_skip)
         generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(num_images)]
         options = {} if guidance is None else {"guidance_scale": guidance}
         with self.computing(blend) as pipeline:

@@ -335,7 +335,7 @@ def _prepare(studio: Studio, plan: Plan, image: PlannedImage, files: dict) -> _R
     }
     try:
         blend = studio.make_blend(weights, fused=image.fuse)
-        check_clip_skip(pipeline_text_encoders(studio.pipeline), image.clip_skip)
+        check_clip_skip(studio.family, pipeline_text_encoders(studio.pipeline), image.clip_skip)
     except StudioError as error:
         raise StudioError(f"{image.where}: {error}") from None
     default_width, default_height = default_size(studio.pipeline)

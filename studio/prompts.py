@@ -1,10 +1,12 @@
 """Prompt embeddings as the SD pipelines make them, with A1111's "Clip skip" (kohya's `--clip_skip`).
 
-Clip skip N takes the text encoder's output N - 1 layers before its last (1: the last layer, the default).
-SD1/SD2 then apply the encoder's final layer norm, as its last layer's output has; SDXL already uses the
-penultimate layer of both encoders, and skips N - 1 more. SDXL's pooled embedding stays the second encoder's
-projected output. The same function serves training and generation, so a LoRA trained at clip skip 2 is
-used at clip skip 2.
+Clip skip N takes the text encoder's output N - 1 layers before its last (1: the last layer, the default),
+then the encoder's final layer norm, as its last layer's output has. It is an SD1 setting: SD2's encoder
+(converted without OpenCLIP's last layer) and SDXL's already give their penultimate layer, and A1111 ignores
+clip skip for them, so the studio refuses it there (`check_clip_skip`) rather than render what A1111 would
+not. `encode_prompts` itself follows diffusers' SDXL rule too (N - 1 layers before the penultimate; the
+pooled embedding stays the second encoder's projected output). The same function serves training and
+generation, so a LoRA trained at clip skip 2 is used at clip skip 2.
 
 Written out rather than calling `pipeline.encode_prompt` so that gradients flow through text encoders that
 are being trained (and wrapped for DDP), as in diffusers' own training scripts, and because diffusers 0.42's
@@ -22,7 +24,7 @@ def encode_prompts(
     text_encoders: list, tokenizers: list, prompts: list[str], clip_skip: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(prompt embeddings, SDXL's pooled embeddings or None) for `prompts`; one text encoder means SD1/SD2."""
-    check_clip_skip(text_encoders, clip_skip)
+    _check_layer_count(text_encoders, clip_skip)
     if len(text_encoders) == 1:
         text_encoder = text_encoders[0]
         ids = _token_ids(tokenizers[0], prompts).to(_device_of(text_encoder))
@@ -71,8 +73,17 @@ def pipeline_text_encoders(pipeline) -> list[torch.nn.Module]:
     return [pipeline.text_encoder] + ([second] if second is not None else [])
 
 
-def check_clip_skip(text_encoders: list, clip_skip: int) -> None:
-    """Clip skip N needs N layers in every text encoder (SD1: 12; SDXL: 12 in its first)."""
+def check_clip_skip(family: str, text_encoders: list, clip_skip: int) -> None:
+    """Clip skip above 1 is for SD1 models (see the module docstring), up to the text encoder's layer count."""
+    if clip_skip > 1 and family != "sd1":
+        raise StudioError(
+            f"clip skip {clip_skip}: for SD1.x models only; {family.upper()} already conditions on the text "
+            "encoder's penultimate layer (A1111 ignores clip skip there)"
+        )
+    _check_layer_count(text_encoders, clip_skip)
+
+
+def _check_layer_count(text_encoders: list, clip_skip: int) -> None:
     layers = min(_unwrapped(text_encoder).config.num_hidden_layers for text_encoder in text_encoders)
     if not 1 <= clip_skip <= layers:
         raise StudioError(f"clip skip {clip_skip}: must be from 1 to {layers}, the text encoder's layer count")

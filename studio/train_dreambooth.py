@@ -32,7 +32,6 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import (
-    DistributedDataParallelKwargs,
     ProjectConfiguration,
     is_tensorboard_available,
     is_wandb_available,
@@ -115,7 +114,7 @@ def train(config: TrainConfig, base: BaseModel | None = None) -> TrainResult:
         )
     check_output_dir(config)
     resume_dir = find_resume_checkpoint(config)
-    initial_lora = read_initial_lora(config)
+    initial_lora = read_initial_lora(config) if resume_dir is None else None  # a resumed run has its weights
     optimizer_class = optimizer_class_for(config.optimizer)
 
     accelerator = make_accelerator(config)
@@ -142,7 +141,7 @@ def train(config: TrainConfig, base: BaseModel | None = None) -> TrainResult:
         )
     resolution = config.resolution or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
     try:
-        check_clip_skip(text_encoders, config.clip_skip)
+        check_clip_skip(base.family, text_encoders, config.clip_skip)
     except StudioError as error:
         raise StudioError(f"--clip-skip: {config.base}: {error}") from None
     for module in (unet, vae, *text_encoders):
@@ -164,8 +163,11 @@ def train(config: TrainConfig, base: BaseModel | None = None) -> TrainResult:
     if config.train_text_encoder:
         trained.update(zip(("text_encoder", "text_encoder_2"), text_encoders))
     for name, module in trained.items():
-        targets = config.unet_targets if name == "unet" else config.text_encoder_targets
-        add_lora(module, name, lora_config(config, targets))
+        if name == "unet":
+            add_lora(module, name, lora_config(config, config.unet_targets))
+        else:
+            layers = conditioning_layers(name, module, base.family, config.clip_skip)
+            add_lora(module, name, lora_config(config, config.text_encoder_targets, layers))
     cast_training_params(list(trained.values()), dtype=torch.float32)
     if initial_lora is not None:
         start_from_lora(initial_lora, trained, base.family)
@@ -532,8 +534,6 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
             mixed_precision=config.mixed_precision,
             log_with=None if report_to == "none" else report_to,
             project_config=ProjectConfiguration(project_dir=config.output_dir, logging_dir=config.output_dir / "logs"),
-            # With clip skip the text encoders' last layers take no part in the loss: DDP must allow that.
-            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=config.clip_skip > 1)],
         )
     except ValueError as error:  # e.g. fp16 on a machine without a GPU
         raise StudioError(f"--mixed-precision {config.mixed_precision}: {str(error).splitlines()[0]}") from None
@@ -575,16 +575,33 @@ def complete_class_images(
     return existing[: config.num_class_images]
 
 
-def lora_config(config: TrainConfig, targets: list[str]) -> LoraConfig:
+def lora_config(config: TrainConfig, targets: list[str], layers: list[int] | None = None) -> LoraConfig:
+    """peft's config for one model; `layers` limits a text encoder's LoRA to those transformer layers."""
     return LoraConfig(
         r=config.rank,
         lora_alpha=config.alpha,
         lora_dropout=config.dropout,
         init_lora_weights=True if config.init == "default" else config.init,
         target_modules=targets,
+        layers_to_transform=layers,
+        layers_pattern="layers" if layers is not None else None,
         use_rslora=config.rslora,
         use_dora=config.dora,
     )
+
+
+def conditioning_layers(name: str, text_encoder: torch.nn.Module, family: str, clip_skip: int) -> list[int] | None:
+    """The text-encoder layers whose output reaches the UNet (None: all of them). LoRA on the others could
+    never learn: the file would carry zeros, and DDP stops on parameters without gradients.
+
+    SD1/SD2 condition on layer L - clip_skip (0-based, of L); SDXL's first encoder on the one before that;
+    its second encoder's last layer feeds the pooled embedding, so all of its layers count."""
+    if name == "text_encoder_2":
+        return None
+    last_used = text_encoder.config.num_hidden_layers - clip_skip - (family == "sdxl")
+    if last_used == text_encoder.config.num_hidden_layers - 1:
+        return None
+    return list(range(last_used + 1))
 
 
 def add_lora(module: torch.nn.Module, name: str, config: LoraConfig) -> None:
@@ -825,8 +842,8 @@ def lora_metadata(
 ) -> dict[str, str]:
     """Safetensors metadata: `studio.*` keys, and kohya's `ss_*` keys where one means the same thing.
 
-    `ss_tag_frequency` counts, as kohya does, in how many instance captions each comma-separated tag
-    appears, under the instance folder's name: what civitai and A1111 show as the training tags."""
+    `ss_tag_frequency` counts the instance captions' comma-separated tags (lowercased, every occurrence) under
+    the instance folder's name, as kohya does: what civitai and A1111 show as the training tags."""
     v_prediction = base.pipeline.scheduler.config.get("prediction_type") == "v_prediction"
     return {
         "studio.base_model": base.source,
@@ -942,8 +959,8 @@ def save_comparison_grid(config: TrainConfig, pipeline, accelerator, trained, va
 # ---- small helpers -----------------------------------------------------------------------------------------
 
 
-def _tags(caption: str) -> set[str]:
-    return {tag.strip() for tag in caption.split(",") if tag.strip()}
+def _tags(caption: str) -> list[str]:
+    return [tag.strip().lower() for tag in caption.split(",") if tag.strip()]
 
 
 def tracker_config(config: TrainConfig) -> dict:

@@ -35,7 +35,6 @@ from studio.grid import labelled_grid
 from studio.library import DEFAULT_MAX_UPLOAD_BYTES, SUFFIX, LibraryEntry, LoraLibrary, check_name, safe_name
 from studio.merge import MERGE_METHODS, merge_loras
 from studio.pngmeta import save_png
-from studio.prompts import pipeline_text_encoders
 from studio.train_config import TEXT_ENCODER_TARGETS, UNET_TARGETS, parse_config
 from studio.train_job import TrainingJob, TrainStatus
 
@@ -82,8 +81,10 @@ class StudioApp:
         self.library.scan()
         self.training = TrainingJob(on_finished=self._add_trained_lora)
         self.default_width, self.default_height = default_size(studio.pipeline)
-        # the largest clip skip the model's text encoder(s) allow
-        self.clip_layers = min(e.config.num_hidden_layers for e in pipeline_text_encoders(studio.pipeline))
+        # the largest clip skip the model allows: an SD1 encoder's layer count; other families take none
+        self.max_clip_skip = (
+            min(12, studio.pipeline.text_encoder.config.num_hidden_layers) if studio.family == "sd1" else 1
+        )
         self._image_lock = threading.Lock()  # numbering of saved images
         self._hashes: dict[tuple[Path, float, int], dict[str, str]] = {}
 
@@ -548,8 +549,9 @@ def build_app(app: StudioApp) -> gr.Blocks:
                             height = gr.Slider(8, top, value=app.default_height, step=8, label="Height")
                             count = gr.Slider(1, 8, value=1, step=1, label="Images")
                         clip_skip = gr.Slider(
-                            1, min(12, app.clip_layers), value=1, step=1, label="Clip skip (2 for most anime models)"
-                        )
+                            1, max(2, app.max_clip_skip), value=1, step=1, interactive=app.max_clip_skip > 1,
+                            label="Clip skip (SD1.x; 2 for most anime models)",
+                        )  # fmt: skip
 
             random_seed.click(lambda: -1, None, seed, queue=False, api_visibility="private")
             reuse_seed.click(lambda used: used, last_seed, seed, queue=False, api_visibility="private")
@@ -780,8 +782,8 @@ def _train_tab(app: StudioApp, library_version: gr.Number, train_tab: gr.Tab) ->
                         value=0, precision=0, minimum=0, maximum=1000, scale=3,
                     )  # fmt: skip
                     train_clip_skip = gr.Number(
-                        label="Clip skip (as the LoRA will be used)", value=1, precision=0, minimum=1,
-                        maximum=app.clip_layers, scale=2,
+                        label="Clip skip (SD1.x; as the LoRA will be used)", value=1, precision=0, minimum=1,
+                        maximum=app.max_clip_skip, interactive=app.max_clip_skip > 1, scale=2,
                     )  # fmt: skip
                 with gr.Row():
                     random_flip = gr.Checkbox(label="random horizontal flip", value=False)

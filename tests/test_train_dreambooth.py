@@ -221,6 +221,17 @@ def test_init_from_starts_the_new_lora_at_the_files_deltas(sd_run, tmp_path, kin
     assert json.loads(lora_metadata(result.lora_path)["lora_adapter_metadata"])["unet.lora_alpha"] == 2
 
 
+def test_a_run_started_from_a_lora_resumes_without_that_file(sd_run, tmp_path):
+    start = tmp_path / "start.safetensors"
+    start.write_bytes(sd_run.result.lora_path.read_bytes())
+    run = dict(output_dir=tmp_path / "out", init_from=start, unet_targets=BLOCK_TARGETS, train_text_encoder=True,
+               checkpointing_steps=1)  # fmt: skip
+    train(options(sd_run.tmp, max_train_steps=2, **run))
+    start.unlink()  # the checkpoint holds the weights now
+    result = train(options(sd_run.tmp, max_train_steps=3, resume_from_checkpoint="latest", **run))
+    assert result.steps == 3
+
+
 def test_init_from_a_dora_lora_starts_at_its_magnitudes_too(tmp_path):
     draw_images(tmp_path / "images", [(64, 64)])
     first = train(options(tmp_path, output_dir=tmp_path / "first", dora=True, learning_rate=1e-2, max_train_steps=3))
@@ -409,20 +420,27 @@ def test_ema_saves_the_moving_average_of_the_weights_after_each_step(tmp_path):
     assert any(not torch.allclose(saved[k], per_step[-1][k]) for k in saved)  # the average is not the last step
 
 
-@pytest.mark.parametrize("clip_skip", [1, 2])
-def test_two_process_torchrun_completes_and_writes_one_output(tmp_path, clip_skip):
-    """At clip skip 2 the text encoder's last layer takes no part in the loss: DDP must accept that, and its
-    LoRA must stay untouched while every other one learns."""
+@pytest.mark.parametrize(
+    "base, extra",
+    [
+        ("tiny-sd", []),
+        ("tiny-sd", ["--clip-skip", "2", "--train-text-encoder", "--text-encoder-lr", "1e-3"]),
+        ("tiny-sdxl", ["--train-text-encoder", "--text-encoder-lr", "1e-3", "--resolution", "32"]),
+    ],
+    ids=["sd", "sd-clip-skip-2-text-encoder", "sdxl-text-encoders"],
+)
+def test_two_process_torchrun_completes_and_writes_one_output(tmp_path, base, extra):
+    """Text-encoder layers whose output never reaches the UNet (the last at clip skip 2; SDXL's first encoder's
+    last, as SDXL conditions on the penultimate layer) get no LoRA: DDP would stop on their missing
+    gradients, and the file would carry zeros. Every LoRA written must have learned."""
     draw_images(tmp_path / "images", [(64, 64), (64, 64)])
     out = tmp_path / "out"
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-        "-m", "studio.train_dreambooth", "--base", "tiny-sd", "--instance-dir", str(tmp_path / "images"),
+        "-m", "studio.train_dreambooth", "--base", base, "--instance-dir", str(tmp_path / "images"),
         "--instance_prompt", PROMPT, "--output-dir", str(out), "--max-train-steps", "2", "--checkpointing-steps", "1",
-        "--report-to", "none",
+        "--report-to", "none", *extra,
     ]  # fmt: skip
-    if clip_skip == 2:
-        command += ["--clip-skip", "2", "--train-text-encoder", "--text-encoder-lr", "1e-3"]
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -434,10 +452,17 @@ def test_two_process_torchrun_completes_and_writes_one_output(tmp_path, clip_ski
         "random_states_0.pkl", "random_states_1.pkl",
     ])  # fmt: skip
     lora_up = {key: t for key, t in load_file(out / LORA_FILE).items() if "lora_B" in key}
-    last_layer = f"layers.{tiny_sd_pipeline().text_encoder.config.num_hidden_layers - 1}."
-    skipped = {key for key in lora_up if key.startswith("text_encoder") and last_layer in key}
-    assert lora_up and len(skipped) == (4 if clip_skip == 2 else 0)  # q, k, v, out_proj of the last layer
-    assert all((t.abs().max() > 0) == (key not in skipped) for key, t in lora_up.items())  # B starts at zero
+    assert lora_up and all(t.abs().max() > 0 for t in lora_up.values())  # B starts at zero: the DDP steps moved it
+    if "--train-text-encoder" in extra:
+        layers = 5  # both tiny text encoders
+        adapted = {
+            (key.split(".")[0], int(key.split(".layers.")[1].split(".")[0]))
+            for key in lora_up if key.startswith("text_encoder")
+        }  # fmt: skip
+        first_encoder = {layer for component, layer in adapted if component == "text_encoder"}
+        assert first_encoder == set(range(layers - 1))  # all but the last layer
+        if base == "tiny-sdxl":
+            assert {layer for component, layer in adapted if component == "text_encoder_2"} == set(range(layers))
 
 
 def test_prior_preservation_generates_the_missing_class_images_and_keeps_them(tmp_path):
@@ -559,7 +584,7 @@ def test_timesteps_are_drawn_only_from_the_range_asked_for(tmp_path, monkeypatch
 
 def test_shuffled_captions_reach_the_text_encoder_every_step(tmp_path, monkeypatch):
     draw_images(tmp_path / "images", [(64, 64)])
-    (tmp_path / "images" / "star-0.txt").write_text("sks, purple, star, five arms")
+    (tmp_path / "images" / "star-0.txt").write_text("sks, Purple, star, five arms")
     encoded: list[str] = []
     from studio import train_dreambooth
 
@@ -572,32 +597,36 @@ def test_shuffled_captions_reach_the_text_encoder_every_step(tmp_path, monkeypat
     monkeypatch.setattr(train_dreambooth, "encode_prompts", recording_encode_prompts)
     train(options(tmp_path, max_train_steps=12, shuffle_caption=True, keep_tokens=1))
     assert len(encoded) == 12  # no prompt cache: each step encodes its own order
-    assert all(p.startswith("sks, ") and sorted(p.split(", ")[1:]) == ["five arms", "purple", "star"] for p in encoded)
+    assert all(p.startswith("sks, ") and sorted(p.split(", ")[1:]) == ["Purple", "five arms", "star"] for p in encoded)
     assert len(set(encoded)) > 1
     tags = json.loads(lora_metadata(tmp_path / "out" / LORA_FILE)["ss_tag_frequency"])
     assert tags == {"images": {"sks": 1, "purple": 1, "star": 1, "five arms": 1}}  # kohya's: per caption
 
 
 def test_clip_skip_reaches_the_cached_prompts_and_the_validation_images(tmp_path, monkeypatch):
-    from studio import data
+    from studio import data, prompts
 
     draw_images(tmp_path / "images", [(64, 64)])
-    skips = []
-    encode_prompts = data.encode_prompts
+    skips = {}  # who encoded -> the clip skips asked for
+    for module in (data, prompts):  # the prompt cache; the validation images (through prompt_arguments)
+        encode_prompts = module.encode_prompts
 
-    def recording_encode_prompts(encoders, tokenizers, prompts, clip_skip=1):
-        skips.append(clip_skip)
-        return encode_prompts(encoders, tokenizers, prompts, clip_skip)
+        def recording_encode_prompts(encoders, tokenizers, texts, clip_skip=1, encode=encode_prompts, who=module):
+            skips.setdefault(who.__name__, []).append(clip_skip)
+            return encode(encoders, tokenizers, texts, clip_skip)
 
-    monkeypatch.setattr(data, "encode_prompts", recording_encode_prompts)
+        monkeypatch.setattr(module, "encode_prompts", recording_encode_prompts)
     result = train(
         options(tmp_path, clip_skip=2, validation_prompt=PROMPT, validation_steps=2, num_validation_images=1)
     )
-    assert skips == [2]  # the one prompt, cached once
+    # the one prompt, cached once; the validation at step 2 and the final grid's two rows: prompt + negative each
+    assert skips == {"studio.data": [2], "studio.prompts": [2] * 6}
     assert lora_metadata(result.lora_path)["ss_clip_skip"] == "2"
     assert (tmp_path / "out" / "validation" / "step-000002-0.png").is_file()
     with pytest.raises(StudioError, match=r"--clip-skip: tiny-sd: clip skip 9: must be from 1 to 5"):
         train(options(tmp_path, output_dir=tmp_path / "too-deep", clip_skip=9))
+    with pytest.raises(StudioError, match=r"--clip-skip: tiny-sdxl: clip skip 2: for SD1.x models only"):
+        train(options(tmp_path, base="tiny-sdxl", output_dir=tmp_path / "sdxl", clip_skip=2))
 
 
 def test_fp16_save_precision_writes_the_same_lora_at_half_the_size(tmp_path):
