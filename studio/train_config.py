@@ -49,6 +49,13 @@ NOT_PART_OF_RUN = frozenset({
     "base_config", "allow_pickle", "save_precision",
 })  # fmt: skip
 
+# Switches of diffusers' (and kohya's) scripts that set an option here to one value: name -> (option, value, whose).
+SWITCHES = {
+    "center_crop": ("crop", "center", "diffusers'"),
+    "use_8bit_adam": ("optimizer", "adamw8bit", "diffusers'"),
+    "enable_bucket": ("buckets", "auto", "kohya's"),
+}
+
 # Flags of diffusers' train_dreambooth_lora*.py and kohya's train_network.py that have no option here, with
 # what to do instead: a user pasting their command learns it in one line.
 FOREIGN_FLAG_HINTS = {
@@ -376,12 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(*spellings, dest=option.name, type=kind, help=help_text,
                                 choices=option.metadata.get("choices"),
                                 metavar=option.name.upper())  # fmt: skip
-    parser.add_argument("--center-crop", "--center_crop", dest="crop", action="store_const", const="center",
-                        help="same as --crop center (diffusers' flag)")
-    parser.add_argument("--use-8bit-adam", "--use_8bit_adam", dest="optimizer", action="store_const",
-                        const="adamw8bit", help="same as --optimizer adamw8bit (diffusers' flag)")
-    parser.add_argument("--enable-bucket", "--enable_bucket", dest="buckets", action="store_const", const="auto",
-                        help='same as --buckets auto (kohya\'s flag)')  # fmt: skip
+    for switch, (name, value, whose) in SWITCHES.items():
+        parser.add_argument(f"--{_flag(switch)}", f"--{switch}", dest=name, action="store_const", const=value,
+                            help=f"same as --{_flag(name)} {value} ({whose} flag)")  # fmt: skip
     return parser
 
 
@@ -433,10 +437,17 @@ def read_config_file(path: Path) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise StudioError(f"{path}: config file must hold a table of options")
     types = {option.name: _field_type(option.type) for option in fields(TrainConfig)}
+    lists = {option.name for option in fields(TrainConfig) if option.type.startswith("list")}
     aliases = _aliases()
     named = {}
     for key, value in values.items():
         name = str(key).replace("-", "_")
+        if name in SWITCHES:
+            if not isinstance(value, bool):
+                raise StudioError(f"{path}: {key} = {value!r} should be true or false")
+            if not value:
+                continue
+            name, value, _ = SWITCHES[name]
         name = aliases.get(name, name)
         if name in named:
             raise StudioError(f"{path}: {key} is given twice (under two of its names)")
@@ -446,13 +457,20 @@ def read_config_file(path: Path) -> dict[str, Any]:
     if unknown:
         raise _foreign_flag_error(unknown, f"{path}: ")
     for name, value in values.items():
-        values[name] = _coerce(path, name, value, types[name])
+        values[name] = _coerce(path, name, value, types[name], name in lists)
     return values
 
 
-def _coerce(path: Path, name: str, value: Any, kind: type) -> Any:
-    """YAML reads `1e-4` as a string: numbers written that way are accepted, anything else is named."""
-    if value is None or kind is str or isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+def _coerce(path: Path, name: str, value: Any, kind: type, is_list: bool) -> Any:
+    """YAML reads `1e-4` as a string: numbers written that way are accepted, anything else is named.
+    Text options take text; list options (targets) a comma-separated text or a list of texts."""
+    if kind is str:
+        if value is None or isinstance(value, str) or is_list and isinstance(value, list) and all(
+            isinstance(item, str) for item in value
+        ):
+            return value
+        raise StudioError(f"{path}: {name} = {value!r} should be {'a list of names' if is_list else 'text'}")
+    if value is None or isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
         return value
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)

@@ -84,6 +84,20 @@ def test_diffusers_and_kohya_names_of_the_same_options_are_accepted():
     assert (kohya_command.random_flip, kohya_command.checkpointing_steps, kohya_command.buckets) == (True, 50, "auto")
 
 
+def test_config_file_switches_of_other_scripts_set_their_option(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('instance_dir = "imgs"\ninstance_prompt = "x"\noutput_dir = "out"\n'
+                    "use_8bit_adam = true\nenable_bucket = true\n")  # fmt: skip
+    config = parse_config(["--config", str(toml)])
+    assert (config.optimizer, config.buckets) == ("adamw8bit", "auto")
+    toml.write_text('instance_dir = "imgs"\ninstance_prompt = "x"\noutput_dir = "out"\ncrop = "random"\n'
+                    "center_crop = true\n")  # fmt: skip
+    with pytest.raises(StudioError, match="center_crop is given twice"):
+        parse_config(["--config", str(toml)])
+    toml.write_text('instance_dir = "imgs"\ninstance_prompt = "x"\noutput_dir = "out"\nuse_8bit_adam = false\n')
+    assert parse_config(["--config", str(toml)]).optimizer == "adamw"
+
+
 def test_config_file_keys_may_use_the_other_names_but_not_twice(tmp_path):
     toml = tmp_path / "run.toml"
     toml.write_text('pretrained_model_name_or_path = "tiny-sd"\ninstance_data_dir = "imgs"\n'
@@ -131,6 +145,9 @@ def test_help_documents_every_option():
         ('instance_dir = "a"\nlearning_rat = 1e-4\n', "unknown option(s) learning_rat"),
         ('rank = "big"\n', "rank = 'big' should be an integer"),
         ("rank = [\n", "not valid TOML"),
+        ("caption_extension = 5\n", "caption_extension = 5 should be text"),
+        ("unet_targets = [1, 2]\n", "unet_targets = [1, 2] should be a list of names"),
+        ('use_8bit_adam = "yes"\n', "use_8bit_adam = 'yes' should be true or false"),
     ],
 )
 def test_bad_config_files_name_the_file_and_the_problem(tmp_path, content, message):
