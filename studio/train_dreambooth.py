@@ -449,8 +449,11 @@ def start_from_lora(lora: LoraFile, trained: dict[str, torch.nn.Module], family:
     """Set the new adapters to the file's changes: A from the file, B divided by the adapter's own scale
     (`read_lora` bakes the file's scale into its factors), so scale * B @ A is the file's delta for every
     layer, whatever --alpha says. Targeted layers the file lacks keep their fresh start (no change). The
-    file's layers are within the targets (`check_initial_lora_targets`); here they must exist and fit."""
+    file's layers are within the targets (`check_initial_lora_targets`); here they must exist and fit. Its
+    text-encoder layers that get no LoRA here (their output does not reach the UNet: `conditioning_layers`)
+    are left out, with a warning."""
     check_family(lora, family)
+    left_out = []
     for module in lora.modules:
         name = f"{module.component}.{module.module}"
         try:
@@ -458,6 +461,9 @@ def start_from_lora(lora: LoraFile, trained: dict[str, torch.nn.Module], family:
         except AttributeError:
             layer = None
         down, up = lora.state_dict[f"{name}.lora_A.weight"], lora.state_dict[f"{name}.lora_B.weight"]
+        if module.component != "unet" and isinstance(layer, torch.nn.Linear):
+            left_out.append(name)
+            continue
         if not isinstance(layer, BaseTunerLayer) or "default" not in layer.lora_A:
             raise StudioError(f"{lora.path}: adapts {name}, which the base model does not have: for another model?")
         if layer.lora_A["default"].weight.shape != down.shape or layer.lora_B["default"].weight.shape != up.shape:
@@ -469,7 +475,12 @@ def start_from_lora(lora: LoraFile, trained: dict[str, torch.nn.Module], family:
                 layer.lora_magnitude_vector["default"].weight.copy_(
                     lora.state_dict[f"{name}.lora_magnitude_vector.weight"]
                 )
-    logger.info("starting from %s (%d layers)", lora.path, len(lora.modules))
+    if left_out:
+        logger.warning(
+            "%s: leaving out %d text-encoder layer(s) whose output does not reach the UNet at this clip skip "
+            "(e.g. %s)", lora.path, len(left_out), left_out[0],
+        )  # fmt: skip
+    logger.info("starting from %s (%d layers)", lora.path, len(lora.modules) - len(left_out))
 
 
 def find_resume_checkpoint(config: TrainConfig) -> Path | None:

@@ -221,6 +221,19 @@ def test_init_from_starts_the_new_lora_at_the_files_deltas(sd_run, tmp_path, kin
     assert json.loads(lora_metadata(result.lora_path)["lora_adapter_metadata"])["unet.lora_alpha"] == 2
 
 
+def test_init_from_at_a_higher_clip_skip_leaves_out_the_unused_text_encoder_layer(sd_run, tmp_path, caplog):
+    result = train(options(
+        sd_run.tmp, output_dir=tmp_path / "out", init_from=sd_run.result.lora_path, unet_targets=BLOCK_TARGETS,
+        train_text_encoder=True, clip_skip=2, learning_rate=1e-12, text_encoder_lr=1e-12, max_train_steps=1,
+    ))  # fmt: skip
+    assert "leaving out 4 text-encoder layer(s)" in caplog.text  # q, k, v, out_proj of the last layer
+    expected, started = diffusers_deltas(sd_run.result.lora_path), diffusers_deltas(result.lora_path)
+    last_layer = f".layers.{tiny_sd_pipeline().text_encoder.config.num_hidden_layers - 1}."
+    assert started.keys() == {module for module in expected if last_layer not in module}
+    for module, delta in started.items():
+        torch.testing.assert_close(delta, expected[module], rtol=1e-5, atol=1e-7, msg=module)
+
+
 def test_a_run_started_from_a_lora_resumes_without_that_file(sd_run, tmp_path):
     start = tmp_path / "start.safetensors"
     start.write_bytes(sd_run.result.lora_path.read_bytes())
