@@ -105,7 +105,7 @@ class LoraLibrary:
 
     def render_preview(self, name: str, prompt: str, steps: int = PREVIEW_STEPS) -> Path:
         """Render the adapter alone at weight 1, once, and keep it: from the prompt it was trained with (our
-        trainer records it), else its trigger words, else `prompt`."""
+        trainer records it), else its trigger words, else `prompt`; at the clip skip it was trained with."""
         existing = self.preview(name)
         if existing is not None:
             return existing
@@ -113,10 +113,20 @@ class LoraLibrary:
         if info is None:
             raise StudioError(f"{name}: not loaded, so it has no preview")
         text = info.metadata.get(TRIGGER_PROMPT_KEY) or ", ".join(info.trigger_words[:3]) or prompt
-        image = self.studio.generate(text, seed=0, steps=steps, blend=self.studio.make_blend({name: 1.0}))[0]
+        blend = self.studio.make_blend({name: 1.0})
+        image = self.studio.generate(text, seed=0, steps=steps, blend=blend, clip_skip=self._trained_clip_skip(info))[0]
         path = self._rendered_preview(name)
         _save_image_atomically(image, path)
         return path
+
+    def _trained_clip_skip(self, info) -> int:
+        """kohya's `ss_clip_skip` (our trainer's too) where this SD1 model has that many layers, else 1."""
+        try:
+            clip_skip = int(info.metadata.get("ss_clip_skip") or 1)  # kohya writes "None" when unset
+        except ValueError:
+            return 1
+        layers = self.studio.pipeline.text_encoder.config.num_hidden_layers
+        return clip_skip if self.studio.family == "sd1" and 1 <= clip_skip <= layers else 1
 
     # Changing ------------------------------------------------------------------------------------------
 

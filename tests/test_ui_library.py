@@ -131,3 +131,20 @@ def test_a_preview_is_rendered_from_the_prompt_the_lora_was_trained_with(library
     monkeypatch.setattr(library.studio, "generate", lambda text, **_: prompts.append(text) or [Image.new("RGB", (8, 8))])
     library.render_preview("star", prompt="fallback")
     assert prompts == ["a sks shape"]  # not the bare trigger word "sks"
+
+
+@pytest.mark.parametrize("written, used", [("2", 2), ("None", 1), ("9", 1)])  # tiny-sd's encoder has 5 layers
+def test_a_preview_is_rendered_at_the_clip_skip_the_lora_was_trained_with(library, tmp_path, monkeypatch, written,
+                                                                          used):
+    lora = tmp_path / "anime.safetensors"
+    diffusers_lora(library.studio.pipeline, lora, "sd1", metadata={"ss_clip_skip": written})
+    library.add_file(lora, "anime.safetensors")
+    skips = []
+
+    def rendering(text, **settings):
+        skips.append(settings["clip_skip"])
+        return [Image.new("RGB", (8, 8))]
+
+    monkeypatch.setattr(library.studio, "generate", rendering)
+    library.render_preview("anime", prompt="x")
+    assert skips == [used]
