@@ -84,7 +84,10 @@ def check_clip_skip(family: str, text_encoders: list, clip_skip: int) -> None:
 
 
 def _check_layer_count(text_encoders: list, clip_skip: int) -> None:
+    """At most the layer count, so at least one layer's output is used (SDXL: one fewer, counted from its
+    penultimate layer)."""
     layers = min(_unwrapped(text_encoder).config.num_hidden_layers for text_encoder in text_encoders)
+    layers -= len(text_encoders) == 2
     if not 1 <= clip_skip <= layers:
         raise StudioError(f"clip skip {clip_skip}: must be from 1 to {layers}, the text encoder's layer count")
 

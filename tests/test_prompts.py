@@ -71,6 +71,11 @@ def test_a_clip_skip_outside_the_encoder_is_refused(clip_skip):
     pipe = tiny_sd_pipeline()  # 5 layers
     with pytest.raises(StudioError, match=rf"clip skip {clip_skip}: must be from 1 to 5"):
         encode_prompts([pipe.text_encoder], [pipe.tokenizer], PROMPTS, clip_skip)
+    sdxl = tiny_sdxl_pipeline()  # 5 layers each, counted from the penultimate: 4 to skip at most
+    encoders, tokenizers = [sdxl.text_encoder, sdxl.text_encoder_2], [sdxl.tokenizer, sdxl.tokenizer_2]
+    with pytest.raises(StudioError, match=r"clip skip 5: must be from 1 to 4"):
+        encode_prompts(encoders, tokenizers, PROMPTS, 5)
+    assert encode_prompts(encoders, tokenizers, PROMPTS, 4)[0].shape[0] == len(PROMPTS)
 
 
 def test_studio_renders_clip_skip_from_the_stopped_encoder_for_prompt_and_negative_prompt():
