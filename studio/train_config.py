@@ -161,8 +161,8 @@ class TrainConfig:
     )
     train_text_encoder: bool = _option(False, "also train LoRA on the text encoder(s) (both for SDXL)")
     clip_skip: int = _option(
-        1, "condition on the text encoder's output N - 1 layers before its last (A1111's \"Clip skip\", kohya's "
-        "--clip_skip; 2 for most anime models): train as the LoRA will be used"
+        1, "SD1.x: condition on the text encoder's output N - 1 layers before its last (A1111's \"Clip skip\", "
+        "kohya's --clip_skip; 2 for most anime models): train as the LoRA will be used"
     )
     text_encoder_targets: list[str] = _option(
         ["q_proj", "k_proj", "v_proj", "out_proj"], "comma-separated text-encoder module names to adapt"
