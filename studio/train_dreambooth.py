@@ -31,12 +31,7 @@ import safetensors.torch
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import (
-    ProjectConfiguration,
-    is_tensorboard_available,
-    is_wandb_available,
-    set_seed,
-)
+from accelerate.utils import ProjectConfiguration, is_tensorboard_available, is_wandb_available, set_seed
 from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, cast_training_params, compute_snr, free_memory, offload_models
@@ -60,8 +55,8 @@ from studio.data import (
     scan_images,
 )
 from studio.errors import StudioError
-from studio.lora_io import LoraFile, check_family, read_lora
-from studio.prompts import check_clip_skip, encode_prompts, prompt_arguments
+from studio.lora_io import LoraFile, check_family, read_lora, write_lora
+from studio.prompts import check_clip_skip, encode_prompts, pipeline_text_encoders, prompt_arguments
 from studio.train_config import TEXT_ENCODER_TARGETS, UNET_TARGETS, TrainConfig, option_defaults, parse_config
 
 logger = logging.getLogger("studio.train_dreambooth")
@@ -127,7 +122,7 @@ def train(config: TrainConfig, base: BaseModel | None = None) -> TrainResult:
         )
     pipeline = base.pipeline
     unet, vae = pipeline.unet, pipeline.vae
-    text_encoders = [pipeline.text_encoder] + ([pipeline.text_encoder_2] if base.family == "sdxl" else [])
+    text_encoders = pipeline_text_encoders(pipeline)
     tokenizers = [pipeline.tokenizer] + ([pipeline.tokenizer_2] if base.family == "sdxl" else [])
     noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
     if noise_scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
@@ -398,8 +393,8 @@ def check_output_dir(config: TrainConfig) -> None:
 
 
 def read_initial_lora(config: TrainConfig) -> LoraFile | None:
-    """The `--init-from` LoRA, read and checked against the options (rank, DoRA, text encoders) before any
-    model loads; whether its modules exist in the targets is checked once the adapters are added."""
+    """The `--init-from` LoRA, read and checked against the options (rank, text encoders, DoRA, targets)
+    before any model loads; whether the base model has its layers is checked once the adapters are added."""
     if config.init_from is None:
         return None
     lora = read_lora(config.init_from, allow_pickle=config.allow_pickle)
@@ -460,10 +455,10 @@ def start_from_lora(lora: LoraFile, trained: dict[str, torch.nn.Module], family:
             layer = trained[module.component].get_submodule(module.module)
         except AttributeError:
             layer = None
-        down, up = lora.state_dict[f"{name}.lora_A.weight"], lora.state_dict[f"{name}.lora_B.weight"]
         if module.component != "unet" and isinstance(layer, torch.nn.Linear):
             left_out.append(name)
             continue
+        down, up = lora.state_dict[f"{name}.lora_A.weight"], lora.state_dict[f"{name}.lora_B.weight"]
         if not isinstance(layer, BaseTunerLayer) or "default" not in layer.lora_A:
             raise StudioError(f"{lora.path}: adapts {name}, which the base model does not have: for another model?")
         if layer.lora_A["default"].weight.shape != down.shape or layer.lora_B["default"].weight.shape != up.shape:
@@ -837,8 +832,6 @@ def export_kohya(
     """A kohya-named copy (`lora_unet_…`, `lora_te…`, `.lora_down/.lora_up/.alpha`) for A1111 / ComfyUI,
     written by `studio.lora_io.write_lora` from the same adapters with each module's scale baked in (in
     float32, before the cast to `dtype`)."""
-    from studio.lora_io import write_lora
-
     state = {}
     for name, module in trained.items():
         tensors, settings = exported_adapter(module, initial_state[name] if initial_state else None)
