@@ -23,8 +23,8 @@ from diffusers.optimization import SchedulerType
 from studio.data import IMAGE_SUFFIXES
 from studio.errors import StudioError
 
-# The names LoRA can target, as module-name suffixes (peft matches `name == t or name.endswith("." + t)`);
-# a longer suffix narrows the choice, e.g. `attn2.to_k` for the cross-attention keys only.
+# The names LoRA can target, as module-name suffixes (see `names_module`); a longer suffix narrows the
+# choice, e.g. `attn2.to_k` for the cross-attention keys only.
 UNET_TARGETS = (
     "to_q", "to_k", "to_v", "to_out.0",  # attention projections
     "add_k_proj", "add_v_proj",  # added-KV attention (some UNet variants)
@@ -338,10 +338,15 @@ def _name_list(value: str | list[str]) -> list[str]:
     return [item.strip() for item in items if item.strip()]
 
 
+def names_module(target: str, module: str) -> bool:
+    """peft's rule: a target names a module by its whole dotted name or by a dotted suffix of it."""
+    return module == target or module.endswith("." + target)
+
+
 def _check_targets(flag: str, targets: list[str], known: tuple[str, ...]) -> None:
     if not targets:
         raise StudioError(f"--{flag} is empty")
-    unknown = [t for t in targets if not any(t == k or t.endswith("." + k) for k in known)]
+    unknown = [t for t in targets if not any(names_module(k, t) for k in known)]
     if unknown:
         raise StudioError(f"--{flag}: unknown module name(s) {', '.join(unknown)}; known: {', '.join(known)}")
 

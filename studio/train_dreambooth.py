@@ -57,7 +57,14 @@ from studio.data import (
 from studio.errors import StudioError
 from studio.lora_io import LoraFile, check_family, read_lora, write_lora
 from studio.prompts import check_clip_skip, encode_prompts, pipeline_text_encoders, prompt_arguments
-from studio.train_config import TEXT_ENCODER_TARGETS, UNET_TARGETS, TrainConfig, option_defaults, parse_config
+from studio.train_config import (
+    TEXT_ENCODER_TARGETS,
+    UNET_TARGETS,
+    TrainConfig,
+    names_module,
+    option_defaults,
+    parse_config,
+)
 
 logger = logging.getLogger("studio.train_dreambooth")
 
@@ -425,10 +432,8 @@ def check_initial_lora_targets(config: TrainConfig, lora: LoraFile) -> None:
     ):
         missing = []
         for module in lora.modules:
-            if module.component.startswith(component) and not any(
-                module.module == t or module.module.endswith("." + t) for t in targets
-            ):
-                name = next((k for k in known if module.module.endswith("." + k)), None)
+            if module.component.startswith(component) and not any(names_module(t, module.module) for t in targets):
+                name = next((k for k in known if names_module(k, module.module)), None)
                 if name is None:
                     raise StudioError(
                         f"{lora.path}: adapts {module.component}.{module.module}, a layer this trainer does not "
