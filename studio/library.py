@@ -22,6 +22,7 @@ from studio import lora_io
 from studio.adapters import ADAPTER_NAME, AdapterInfo, Studio, resolve_lora_source
 from studio.errors import StudioError
 from studio.paths import DEMO_LORAS_DIR
+from studio.prompts import check_clip_skip, pipeline_text_encoders
 
 SUFFIX = ".safetensors"
 PREVIEW_SUFFIX = ".preview.png"
@@ -120,13 +121,13 @@ class LoraLibrary:
         return path
 
     def _trained_clip_skip(self, info) -> int:
-        """kohya's `ss_clip_skip` (our trainer's too) where this SD1 model has that many layers, else 1."""
+        """kohya's `ss_clip_skip` (our trainer's too) where this model takes it, else 1."""
         try:
             clip_skip = int(info.metadata.get("ss_clip_skip") or 1)  # kohya writes "None" when unset
-        except ValueError:
+            check_clip_skip(self.studio.family, pipeline_text_encoders(self.studio.pipeline), clip_skip)
+        except (ValueError, StudioError):
             return 1
-        layers = self.studio.pipeline.text_encoder.config.num_hidden_layers
-        return clip_skip if self.studio.family == "sd1" and 1 <= clip_skip <= layers else 1
+        return clip_skip
 
     # Changing ------------------------------------------------------------------------------------------
 
