@@ -43,11 +43,20 @@ LR_SCHEDULERS = tuple(s.value for s in SchedulerType if s.value != "piecewise_co
 # Options that change how a run is watched or stored, not what it learns: a folder holding a run that
 # differs only in these is the same run (it may be resumed, or extended with more steps).
 NOT_PART_OF_RUN = frozenset({
-    "output_dir", "resume_from_checkpoint", "max_train_steps", "checkpointing_steps", "checkpoints_total_limit",
-    "validation_prompt", "validation_steps", "num_validation_images", "report_to", "export_kohya",
+    "output_dir", "resume_from_checkpoint", "max_train_steps", "num_train_epochs", "checkpointing_steps",
+    "checkpointing_epochs", "checkpoints_total_limit", "validation_prompt", "validation_steps", "validation_epochs",
+    "num_validation_images", "report_to", "export_kohya",
     "cache_latents", "cache_prompt_embeddings", "dataloader_num_workers", "gradient_checkpointing",
     "base_config", "allow_pickle", "save_precision",
 })  # fmt: skip
+
+# Lengths given in optimizer steps or in epochs (diffusers' and kohya's scripts take both): steps option ->
+# (epochs option, steps when neither is given). The trainer turns epochs into steps once the data is known.
+STEPS_OR_EPOCHS = {
+    "max_train_steps": ("num_train_epochs", 400),
+    "checkpointing_steps": ("checkpointing_epochs", 500),
+    "validation_steps": ("validation_epochs", 100),
+}
 
 # Switches of diffusers' (and kohya's) scripts that set an option here to one value: name -> (option, value, whose).
 SWITCHES = {
@@ -59,10 +68,6 @@ SWITCHES = {
 # Flags of diffusers' train_dreambooth_lora*.py and kohya's train_network.py that have no option here, with
 # what to do instead: a user pasting their command learns it in one line.
 FOREIGN_FLAG_HINTS = {
-    "num_train_epochs": "this trainer counts optimizer steps: use --max-train-steps",
-    "max_train_epochs": "this trainer counts optimizer steps: use --max-train-steps",
-    "validation_epochs": "this trainer counts optimizer steps: use --validation-steps",
-    "save_every_n_epochs": "this trainer counts optimizer steps: use --checkpointing-steps",
     "push_to_hub": "this trainer does not upload: the LoRA is written to --output-dir",
     "hub_model_id": "this trainer does not upload: the LoRA is written to --output-dir",
     "hub_token": "this trainer does not upload: the LoRA is written to --output-dir",
@@ -169,7 +174,11 @@ class TrainConfig:
     )
 
     # Optimisation
-    max_train_steps: int = _option(400, "optimizer steps to train")
+    max_train_steps: int | None = _option(None, "optimizer steps to train (default: 400)")
+    num_train_epochs: int | None = _option(
+        None, "or train this many epochs (passes over the instance images, each --repeats times)",
+        aliases=("max_train_epochs",),
+    )
     train_batch_size: int = _option(1, "batch size per device")
     gradient_accumulation_steps: int = _option(1, "batches accumulated per optimizer step")
     learning_rate: float = _option(1e-4, "UNet LoRA learning rate (about 1.0 for prodigy)")
@@ -212,13 +221,15 @@ class TrainConfig:
     dataloader_num_workers: int = _option(0, "data-loading worker processes")
 
     # Checkpoints and feedback
-    checkpointing_steps: int = _option(
-        500, "save a resumable checkpoint every N steps", aliases=("save_every_n_steps",)
+    checkpointing_steps: int | None = _option(
+        None, "save a resumable checkpoint every N steps (default: 500)", aliases=("save_every_n_steps",)
     )
+    checkpointing_epochs: int | None = _option(None, "or save one every N epochs", aliases=("save_every_n_epochs",))
     checkpoints_total_limit: int | None = _option(None, "keep at most this many checkpoints")
     resume_from_checkpoint: str | None = _option(None, 'resume from "latest" or a checkpoint folder')
     validation_prompt: str | None = _option(None, "prompt for validation images and the final base-vs-LoRA grid")
-    validation_steps: int = _option(100, "make validation images every N steps")
+    validation_steps: int | None = _option(None, "make validation images every N steps (default: 100)")
+    validation_epochs: int | None = _option(None, "or make them every N epochs")
     num_validation_images: int = _option(4, "validation images per prompt")
     inference_steps: int = _option(25, "denoising steps for class images and validation images")
     report_to: str = _option(
@@ -251,10 +262,16 @@ class TrainConfig:
             raise StudioError(f"--resolution {self.resolution}: must be a positive multiple of 8")
         if self.rank <= 0:
             raise StudioError(f"--rank {self.rank}: must be at least 1")
-        for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "repeats",
-                     "checkpointing_steps", "validation_steps", "num_validation_images", "inference_steps",
-                     "sample_batch_size"):  # fmt: skip
-            if getattr(self, name) < 1:
+        for steps_name, (epochs_name, default_steps) in STEPS_OR_EPOCHS.items():
+            steps, epochs = getattr(self, steps_name), getattr(self, epochs_name)
+            if steps is not None and epochs is not None:
+                raise StudioError(f"--{_flag(steps_name)} and --{_flag(epochs_name)}: give one of the two")
+            if epochs is None and steps is None:
+                setattr(self, steps_name, default_steps)
+        for name in ("max_train_steps", "num_train_epochs", "train_batch_size", "gradient_accumulation_steps",
+                     "repeats", "checkpointing_steps", "checkpointing_epochs", "validation_steps", "validation_epochs",
+                     "num_validation_images", "inference_steps", "sample_batch_size"):  # fmt: skip
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise StudioError(f"--{_flag(name)} {getattr(self, name)}: must be at least 1")
         if self.learning_rate <= 0 or self.text_encoder_lr <= 0:
             raise StudioError("--learning-rate and --text-encoder-lr must be positive")
@@ -496,6 +513,10 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     given = vars(arguments)
     config_file = given.pop("config", None)
     values = read_config_file(config_file) if config_file is not None else {}
+    for steps_name, (epochs_name, _) in STEPS_OR_EPOCHS.items():  # a length typed replaces the file's, in either unit
+        if steps_name in given or epochs_name in given:
+            values.pop(steps_name, None)
+            values.pop(epochs_name, None)
     values.update(given)
     missing = [f"--{_flag(o.name)}" for o in fields(TrainConfig) if _required(o) and o.name not in values]
     if missing:

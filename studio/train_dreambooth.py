@@ -58,6 +58,7 @@ from studio.errors import StudioError
 from studio.lora_io import LoraFile, check_family, read_lora, write_lora
 from studio.prompts import check_clip_skip, encode_prompts, pipeline_text_encoders, prompt_arguments
 from studio.train_config import (
+    STEPS_OR_EPOCHS,
     TEXT_ENCODER_TARGETS,
     UNET_TARGETS,
     TrainConfig,
@@ -87,6 +88,17 @@ class TrainResult:
     steps_per_second: float
     peak_memory_mb: float
     losses: list[float] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """How long the run is and how often it saves and validates, in optimizer steps (epoch-counted options
+    turned into steps)."""
+
+    steps_per_epoch: int
+    total: int
+    checkpoint_every: int
+    validate_every: int
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -211,13 +223,16 @@ def train(config: TrainConfig, base: BaseModel | None = None) -> TrainResult:
         generator=torch.Generator().manual_seed(config.seed),  # else each epoch's iterator draws from the global RNG
     )
 
+    plan = plan_steps(config, len(batch_sampler), accelerator.num_processes)
+    logger.info("%d optimizer steps, %d an epoch", plan.total, plan.steps_per_epoch)
+
     # 6. Optimizer, learning-rate schedule, and accelerate's wrapping (DDP, mixed precision, accumulation).
     optimizer = build_optimizer(config, optimizer_class, trained)
     lr_scheduler = get_scheduler(
         config.lr_scheduler,
         optimizer=optimizer,
         num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=config.max_train_steps * accelerator.num_processes,
+        num_training_steps=plan.total * accelerator.num_processes,
         num_cycles=config.lr_num_cycles,
         power=config.lr_power,
     )
@@ -241,22 +256,19 @@ def train(config: TrainConfig, base: BaseModel | None = None) -> TrainResult:
         accelerator.load_state(str(resume_dir))
         global_step = int(CHECKPOINT.match(resume_dir.name).group(1))
         logger.info("resumed from %s at step %d", resume_dir, global_step)
-    updates_per_epoch = math.ceil(len(dataloader) / config.gradient_accumulation_steps)
-    first_epoch = global_step // updates_per_epoch
-    batches_to_skip = (global_step % updates_per_epoch) * config.gradient_accumulation_steps
+    first_epoch = global_step // plan.steps_per_epoch
+    batches_to_skip = (global_step % plan.steps_per_epoch) * config.gradient_accumulation_steps
 
     # 8. The loop.
     denoiser = wrapped["unet"]
     encoders_in_loop = [wrapped.get(n, te) for n, te in zip(("text_encoder", "text_encoder_2"), text_encoders)]
-    progress = tqdm(
-        total=config.max_train_steps, initial=global_step, desc="steps", disable=not accelerator.is_local_main_process
-    )
+    progress = tqdm(total=plan.total, initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
     losses: list[float] = []
     start_step, start_time, pause = global_step, time.perf_counter(), 0.0
     for module in trained.values():
         module.train()
     for epoch in range(first_epoch, sys.maxsize):
-        if global_step >= config.max_train_steps:
+        if global_step >= plan.total:
             break
         batches = dataloader
         if epoch == first_epoch and batches_to_skip:
@@ -328,15 +340,17 @@ def train(config: TrainConfig, base: BaseModel | None = None) -> TrainResult:
             accelerator.log({"loss": losses[-1], "lr": lr_scheduler.get_last_lr()[0]}, step=global_step)
 
             paused_at = time.perf_counter()
-            if global_step % config.checkpointing_steps == 0 and global_step < config.max_train_steps:
-                metadata = lora_metadata(config, base, global_step, resolution, instance_images, len(class_images))
+            if global_step % plan.checkpoint_every == 0 and global_step < plan.total:
+                metadata = lora_metadata(
+                    config, base, plan, global_step, resolution, instance_images, len(class_images)
+                )
                 save_checkpoint(accelerator, config, global_step, trained, initial_state, base.family, metadata, ema)
-            if config.validation_prompt and global_step % config.validation_steps == 0 and accelerator.is_main_process:
+            if config.validation_prompt and global_step % plan.validate_every == 0 and accelerator.is_main_process:
                 with averaged_weights(ema, trained_params):
                     images = validation_images(config, pipeline, accelerator, trained, vae, text_encoders)
                 save_validation(config, accelerator, images, global_step)
             pause += time.perf_counter() - paused_at
-            if global_step >= config.max_train_steps:
+            if global_step >= plan.total:
                 break
     progress.close()
     seconds = time.perf_counter() - start_time - pause
@@ -347,7 +361,7 @@ def train(config: TrainConfig, base: BaseModel | None = None) -> TrainResult:
         ema.copy_to(trained_params)  # from here on the adapters are the average: saved, sampled and handed back
     lora_path, kohya_path = config.output_dir / LORA_FILE, None
     if accelerator.is_main_process:
-        metadata = lora_metadata(config, base, global_step, resolution, instance_images, len(class_images))
+        metadata = lora_metadata(config, base, plan, global_step, resolution, instance_images, len(class_images))
         save_dtype = DTYPES[config.save_precision]
         lora_path = save_lora(config.output_dir, trained, initial_state, base.family, metadata, save_dtype)
         if config.export_kohya:
@@ -503,6 +517,18 @@ def find_resume_checkpoint(config: TrainConfig) -> Path | None:
     if not path.is_dir() or not CHECKPOINT.match(path.name):
         raise StudioError(f"{config.resume_from_checkpoint}: no such checkpoint folder (checkpoint-N)")
     return path
+
+
+def plan_steps(config: TrainConfig, batches_per_epoch: int, num_processes: int) -> StepPlan:
+    """Lengths in optimizer steps. An epoch is `batches_per_epoch` batches in all; accelerate gives each process
+    ceil(batches / processes) of them (repeating a few to even them out), and steps the optimizer at an epoch's
+    end even when its last accumulation is incomplete."""
+    per_epoch = math.ceil(math.ceil(batches_per_epoch / num_processes) / config.gradient_accumulation_steps)
+    steps = {}
+    for steps_name, (epochs_name, _) in STEPS_OR_EPOCHS.items():
+        epochs = getattr(config, epochs_name)
+        steps[steps_name] = getattr(config, steps_name) if epochs is None else epochs * per_epoch
+    return StepPlan(per_epoch, steps["max_train_steps"], steps["checkpointing_steps"], steps["validation_steps"])
 
 
 def list_checkpoints(folder: Path) -> list[Path]:
@@ -847,7 +873,8 @@ def export_kohya(
 
 
 def lora_metadata(
-    config: TrainConfig, base: BaseModel, steps: int, resolution: int, images: list[ImageRecord], num_class: int
+    config: TrainConfig, base: BaseModel, plan: StepPlan, steps: int, resolution: int, images: list[ImageRecord],
+    num_class: int,
 ) -> dict[str, str]:
     """Safetensors metadata: `studio.*` keys, and kohya's `ss_*` keys where one means the same thing.
 
@@ -882,8 +909,10 @@ def lora_metadata(
         "ss_unet_lr": str(config.learning_rate),
         "ss_text_encoder_lr": str(config.text_encoder_lr) if config.train_text_encoder else "0",
         "ss_network_train_unet_only": str(not config.train_text_encoder),
-        "ss_max_train_steps": str(config.max_train_steps),
+        "ss_max_train_steps": str(plan.total),
         "ss_steps": str(steps),
+        "ss_num_epochs": str(math.ceil(plan.total / plan.steps_per_epoch)),
+        "ss_epoch": str(math.ceil(steps / plan.steps_per_epoch)),
         "ss_seed": str(config.seed),
         "ss_batch_size_per_device": str(config.train_batch_size),
         "ss_gradient_accumulation_steps": str(config.gradient_accumulation_steps),

@@ -112,12 +112,8 @@ def test_config_file_keys_may_use_the_other_names_but_not_twice(tmp_path):
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (
-            ["--validation_epochs=50"],
-            r"^--validation-epochs: this trainer counts optimizer steps: use --validation-steps$",
-        ),
         (["--seed", "0", "--push_to_hub"], r"^--push-to-hub: this trainer does not upload"),
-        (["--max_train_epochs", "10"], r"^--max-train-epochs: .* use --max-train-steps$"),
+        (["--xformers"], r"^--xformers: not needed: PyTorch's scaled-dot-product attention is used$"),
         (["--frobnicate", "3"], r"^unknown option\(s\) --frobnicate 3 \(see --help\)$"),
     ],
 )
@@ -128,9 +124,36 @@ def test_flags_of_other_scripts_without_an_equivalent_say_what_to_use(flags, mes
 
 def test_config_file_keys_of_other_scripts_get_the_same_hint(tmp_path):
     yaml = tmp_path / "run.yaml"
-    yaml.write_text("instance_dir: imgs\ninstance_prompt: x\noutput_dir: out\nnum_train_epochs: 5\n")
-    with pytest.raises(StudioError, match=r"run.yaml: num_train_epochs: this trainer counts optimizer steps"):
+    yaml.write_text("instance_dir: imgs\ninstance_prompt: x\noutput_dir: out\nhub_model_id: me/lora\n")
+    with pytest.raises(StudioError, match=r"run.yaml: hub_model_id: this trainer does not upload"):
         parse_config(["--config", str(yaml)])
+
+
+def test_lengths_are_given_in_steps_or_in_epochs_not_both(tmp_path):
+    steps = parse_config(REQUIRED)
+    assert (steps.max_train_steps, steps.checkpointing_steps, steps.validation_steps) == (400, 500, 100)
+    assert steps.num_train_epochs is steps.checkpointing_epochs is steps.validation_epochs is None
+    epochs = parse_config(REQUIRED + ["--num_train_epochs", "10", "--save_every_n_epochs", "2", "--validation-epochs",
+                                      "5"])  # fmt: skip
+    assert (epochs.num_train_epochs, epochs.checkpointing_epochs, epochs.validation_epochs) == (10, 2, 5)
+    assert epochs.max_train_steps is epochs.checkpointing_steps is epochs.validation_steps is None
+    assert parse_config(REQUIRED + ["--max_train_epochs", "3"]).num_train_epochs == 3  # kohya's name
+    with pytest.raises(StudioError, match=r"^--max-train-steps and --num-train-epochs: give one of the two$"):
+        parse_config(REQUIRED + ["--max-train-steps", "50", "--num-train-epochs", "2"])
+    with pytest.raises(StudioError, match=r"^--validation-epochs 0: must be at least 1$"):
+        parse_config(REQUIRED + ["--validation-epochs", "0"])
+
+    # A length typed on the command line replaces the config file's, whichever unit either uses.
+    toml = tmp_path / "run.toml"
+    toml.write_text('instance_dir = "imgs"\ninstance_prompt = "x"\noutput_dir = "out"\nmax_train_steps = 50\n'
+                    'checkpointing_epochs = 2\n')  # fmt: skip
+    config = parse_config(["--config", str(toml), "--num-train-epochs", "4", "--checkpointing-steps", "7"])
+    assert (config.max_train_steps, config.num_train_epochs) == (None, 4)
+    assert (config.checkpointing_steps, config.checkpointing_epochs) == (7, None)
+    toml.write_text('instance_dir = "imgs"\ninstance_prompt = "x"\noutput_dir = "out"\nmax_train_steps = 50\n'
+                    'num_train_epochs = 2\n')  # fmt: skip
+    with pytest.raises(StudioError, match=r"--max-train-steps and --num-train-epochs: give one of the two"):
+        parse_config(["--config", str(toml)])
 
 
 def test_help_documents_every_option():

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -409,6 +410,36 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
         assert torch.equal(again[key], uninterrupted[key]), key
 
 
+def test_epoch_counted_lengths_become_optimizer_steps(tmp_path):
+    """4 images x 2 repeats at batch 2 are 4 batches an epoch; accumulating 3 makes that 2 optimizer steps (the
+    epoch's last, incomplete accumulation still steps). So 3 epochs are 6 steps; a checkpoint every epoch is
+    one at steps 2 and 4 (6 is the final save); validation every 2 epochs is at step 4."""
+    draw_images(tmp_path / "images", [(64, 64)] * 4)
+    config = options(
+        tmp_path, max_train_steps=None, num_train_epochs=3, checkpointing_epochs=1, validation_epochs=2,
+        repeats=2, train_batch_size=2, gradient_accumulation_steps=3, validation_prompt=PROMPT,
+        num_validation_images=1, inference_steps=1,
+    )  # fmt: skip
+    result = train(config)
+    out = tmp_path / "out"
+    assert result.steps == 6 and len(result.losses) == 6
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert sorted(p.name for p in (out / "validation").iterdir()) == ["step-000004-0.png"]
+    final, first_epoch = lora_metadata(result.lora_path), lora_metadata(out / "checkpoint-2" / LORA_FILE)
+    assert (final["ss_max_train_steps"], final["ss_num_epochs"], final["ss_epoch"], final["ss_steps"]) == (
+        "6", "3", "3", "6"
+    )  # fmt: skip
+    assert (first_epoch["ss_epoch"], first_epoch["ss_steps"]) == ("1", "2")
+
+    # Resuming at the start of the third epoch (checkpoint-4) skips what it should: the same LoRA comes out.
+    uninterrupted = load_file(result.lora_path)
+    resumed = train(replace(config, resume_from_checkpoint="latest"))
+    assert resumed.steps == 6 and len(resumed.losses) == 2
+    again = load_file(resumed.lora_path)
+    assert again.keys() == uninterrupted.keys()
+    assert all(torch.equal(again[key], uninterrupted[key]) for key in uninterrupted)
+
+
 def test_ema_saves_the_moving_average_of_the_weights_after_each_step(tmp_path):
     draw_images(tmp_path / "images", [(64, 64), (64, 64)])
     common = dict(max_train_steps=3, learning_rate=1e-2, checkpointing_steps=1)
@@ -436,22 +467,24 @@ def test_ema_saves_the_moving_average_of_the_weights_after_each_step(tmp_path):
 @pytest.mark.parametrize(
     "base, extra",
     [
-        ("tiny-sd", []),
-        ("tiny-sd", ["--clip-skip", "2", "--train-text-encoder", "--text-encoder-lr", "1e-3"]),
-        ("tiny-sdxl", ["--train-text-encoder", "--text-encoder-lr", "1e-3", "--resolution", "32"]),
+        ("tiny-sd", ["--num-train-epochs", "1", "--repeats", "2"]),
+        ("tiny-sd", ["--max-train-steps", "2", "--clip-skip", "2", "--train-text-encoder", "--text-encoder-lr", "1e-3"]),
+        ("tiny-sdxl", ["--max-train-steps", "2", "--train-text-encoder", "--text-encoder-lr", "1e-3",
+                       "--resolution", "32"]),
     ],
-    ids=["sd", "sd-clip-skip-2-text-encoder", "sdxl-text-encoders"],
-)
+    ids=["sd-one-epoch", "sd-clip-skip-2-text-encoder", "sdxl-text-encoders"],
+)  # fmt: skip
 def test_two_process_torchrun_completes_and_writes_one_output(tmp_path, base, extra):
     """Text-encoder layers whose output never reaches the UNet (the last at clip skip 2; SDXL's first encoder's
     last, as SDXL conditions on the penultimate layer) get no LoRA: DDP would stop on their missing
-    gradients, and the file would carry zeros. Every LoRA written must have learned."""
+    gradients, and the file would carry zeros. Every LoRA written must have learned. Each run is 2 steps: one
+    epoch of 2 images x 2 repeats is 2 batches for each of the 2 processes."""
     draw_images(tmp_path / "images", [(64, 64), (64, 64)])
     out = tmp_path / "out"
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
         "-m", "studio.train_dreambooth", "--base", base, "--instance-dir", str(tmp_path / "images"),
-        "--instance_prompt", PROMPT, "--output-dir", str(out), "--max-train-steps", "2", "--checkpointing-steps", "1",
+        "--instance_prompt", PROMPT, "--output-dir", str(out), "--checkpointing-steps", "1",
         "--report-to", "none", *extra,
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "OMP_NUM_THREADS": "1"}
