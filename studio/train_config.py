@@ -38,6 +38,7 @@ MIXED_PRECISIONS = ("no", "fp16", "bf16")
 SAVE_PRECISIONS = ("fp32", "fp16", "bf16")
 CROPS = ("center", "random")
 REPORT_TO = ("auto", "none", "tensorboard", "wandb")
+DEFAULT_TEXT_ENCODER_LR = 5e-6
 LR_SCHEDULERS = tuple(s.value for s in SchedulerType if s.value != "piecewise_constant")
 
 # Options that change how a run is watched or stored, not what it learns: a folder holding a run that
@@ -47,7 +48,7 @@ NOT_PART_OF_RUN = frozenset({
     "checkpointing_epochs", "checkpoints_total_limit", "validation_prompt", "validation_steps", "validation_epochs",
     "num_validation_images", "report_to", "export_kohya",
     "cache_latents", "cache_prompt_embeddings", "dataloader_num_workers", "gradient_checkpointing",
-    "base_config", "allow_pickle", "save_precision",
+    "base_config", "allow_pickle", "save_precision", "output_name",
 })  # fmt: skip
 
 # Lengths given in optimizer steps or in epochs (diffusers' and kohya's scripts take both): steps option ->
@@ -63,24 +64,58 @@ SWITCHES = {
     "center_crop": ("crop", "center", "diffusers'"),
     "use_8bit_adam": ("optimizer", "adamw8bit", "diffusers'"),
     "enable_bucket": ("buckets", "auto", "kohya's"),
+    "random_crop": ("crop", "random", "kohya's"),
+    "network_train_unet_only": ("train_text_encoder", False, "kohya's"),
 }
 
 # Flags of diffusers' train_dreambooth_lora*.py and kohya's train_network.py that have no option here, with
 # what to do instead: a user pasting their command learns it in one line.
-FOREIGN_FLAG_HINTS = {
-    "push_to_hub": "this trainer does not upload: the LoRA is written to --output-dir",
-    "hub_model_id": "this trainer does not upload: the LoRA is written to --output-dir",
-    "hub_token": "this trainer does not upload: the LoRA is written to --output-dir",
-    "pretrained_vae_model_name_or_path": "not needed: the VAE stays in float32 while training, so fp16 cannot "
-    "overflow it",
-    "enable_xformers_memory_efficient_attention": "not needed: PyTorch's scaled-dot-product attention is used",
-    "xformers": "not needed: PyTorch's scaled-dot-product attention is used",
-    "pre_compute_text_embeddings": "on by default: prompt embeddings are cached while the text encoders are "
-    "frozen (--cache-prompt-embeddings)",
-    "scale_lr": "give the scaled rate itself as --learning-rate",
-    "network_module": "not needed: this trainer always trains LoRA (peft); see --dora and --init for variants",
-    "train_data_dir": "use --instance-dir (one folder of images, NAME.txt captions beside them) and --repeats",
-}
+_HINTS = [
+    (("push_to_hub", "hub_model_id", "hub_token", "huggingface_repo_id", "huggingface_repo_type",
+      "huggingface_path_in_repo", "huggingface_token", "huggingface_repo_visibility", "save_state_to_huggingface",
+      "resume_from_huggingface", "async_upload"),
+     "this trainer does not upload: the LoRA is written to --output-dir"),
+    (("enable_xformers_memory_efficient_attention", "xformers", "sdpa", "mem_eff_attn"),
+     "not needed: PyTorch's scaled-dot-product attention is used"),
+    (("vae",), "not available: the base model's own VAE encodes the images"),
+    (("pretrained_vae_model_name_or_path", "no_half_vae"),
+     "not needed: the base model's VAE stays in float32 while training, so fp16 cannot overflow it"),
+    (("pre_compute_text_embeddings", "cache_text_encoder_outputs", "cache_text_encoder_outputs_to_disk"),
+     "on by default: prompt embeddings are cached while the text encoders are frozen (--cache-prompt-embeddings)"),
+    (("cache_latents_to_disk",), "latents are cached in memory when no random augmentation is on (--cache-latents)"),
+    (("v2", "v_parameterization"), "not needed: SD2 and v-prediction are read from the base model's configs"),
+    (("full_fp16", "full_bf16"), "use --mixed-precision fp16 or bf16 (the LoRA weights always train in float32)"),
+    (("allow_tf32",), "use --mixed-precision bf16 or fp16: the frozen weights then run in half precision, faster "
+     "than TF32"),
+    (("scale_lr",), "give the scaled rate itself as --learning-rate"),
+    (("unet_lr",), "use --learning-rate (the UNet's rate here; --text-encoder-lr is the text encoders')"),
+    (("optimizer_args",), "use --adam-beta1/2, --adam-weight-decay, --adam-epsilon and the --prodigy-* options"),
+    (("network_module",), "not needed: this trainer always trains LoRA (peft); see --dora and --init for variants"),
+    (("network_args",), "add conv1,conv2 to --unet-targets for LoCon-style conv layers; --dora for DoRA"),
+    (("train_data_dir", "dataset_config", "in_json", "dataset_name", "image_column", "caption_column"),
+     "use --instance-dir (one folder of images, NAME.txt captions beside them) and --repeats"),
+    (("reg_data_dir",), "use --with-prior-preservation with --class-dir and --class-prompt"),
+    (("min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale"),
+     "--buckets auto makes aspect-ratio buckets of about --resolution squared pixels, sides in steps of 64; "
+     "or list them: --buckets '768,512;512,768'"),
+    (("save_state", "save_state_on_train_end"), "not needed: every checkpoint can be resumed (--checkpointing-steps)"),
+    (("save_last_n_steps", "save_last_n_epochs", "save_last_n_steps_state", "save_last_n_epochs_state"),
+     "use --checkpoints-total-limit"),
+    (("save_model_as", "use_safetensors"), "not needed: LoRA files are always safetensors"),
+    (("sample_prompts", "sample_sampler"),
+     "use --validation-prompt (made with the base model's scheduler, --inference-steps steps)"),
+    (("logging_dir",), "not needed: TensorBoard logs go to OUTPUT_DIR/logs"),
+    (("prior_generation_precision",), "not needed: class images are generated in float32"),
+    (("local_rank",), "launch with torchrun or accelerate launch (they pass the rank in the environment)"),
+    (("revision", "variant"), "give --base a local folder or single file holding the weights you want"),
+    (("max_token_length",), "prompts are encoded to the text encoder's 77 tokens"),
+    (("zero_terminal_snr", "multires_noise_iterations", "multires_noise_discount", "ip_noise_gamma",
+      "adaptive_noise_scale", "noise_offset_random_strength"),
+     "not available; --noise-offset and --snr-gamma are"),
+    (("color_aug", "face_crop_aug_range"), "not available; --random-flip and --crop random are"),
+    (("lowram", "highvram", "persistent_data_loader_workers"), "not needed here"),
+]  # fmt: skip
+FOREIGN_FLAG_HINTS = {flag: hint for flags, hint in _HINTS for flag in flags}
 
 
 def _option(default: Any = MISSING, help: str = "", **metadata: Any) -> Any:
@@ -134,9 +169,10 @@ class TrainConfig:
     crop: str = _option("center", "how images are cropped to the resolution or bucket", choices=CROPS)
     random_flip: bool = _option(False, "flip images horizontally at random", aliases=("flip_aug",))
     buckets: str | None = _option(None, 'aspect-ratio buckets: "auto", or "height,width;height,width;..." in pixels')
-    repeats: int = _option(1, "how many times each instance image appears in an epoch")
+    repeats: int = _option(1, "how many times each instance image appears in an epoch", aliases=("dataset_repeats",))
     caption_extension: str = _option(
-        ".txt", "extension of the caption file beside each image (NAME.txt; kohya's datasets often use .caption)"
+        ".txt", "extension of the caption file beside each image (NAME.txt; kohya's datasets often use .caption)",
+        aliases=("caption_extention",),  # kohya's misspelt name, which its docs still use
     )
     shuffle_caption: bool = _option(
         False, "shuffle the comma-separated tags of each caption at every step (kohya's --shuffle_caption); "
@@ -151,7 +187,7 @@ class TrainConfig:
     # LoRA
     rank: int = _option(4, "LoRA rank", aliases=("network_dim",))
     alpha: float | None = _option(None, "LoRA alpha (default: the rank, i.e. scale 1)", aliases=("network_alpha",))
-    dropout: float = _option(0.0, "LoRA dropout", aliases=("network_dropout",))
+    dropout: float = _option(0.0, "LoRA dropout", aliases=("network_dropout", "lora_dropout"))
     init: str = _option("default", "LoRA initialisation (pissa/olora are saved converted to plain LoRA)", choices=INITS)
     init_from: Path | None = _option(
         None, "start from this LoRA file (any format the studio reads) instead of zero, e.g. to train a LoRA further "
@@ -159,7 +195,7 @@ class TrainConfig:
         aliases=("network_weights",),
     )
     rslora: bool = _option(False, "rank-stabilised LoRA: scale alpha/sqrt(rank) instead of alpha/rank")
-    dora: bool = _option(False, "weight-decomposed LoRA (DoRA)")
+    dora: bool = _option(False, "weight-decomposed LoRA (DoRA)", aliases=("use_dora",))
     unet_targets: list[str] = _option(
         ["to_k"],
         "comma-separated UNet module names to adapt, e.g. to_k,to_q,to_v,to_out.0 (attn2.to_k: cross-attention only)",
@@ -182,22 +218,32 @@ class TrainConfig:
     train_batch_size: int = _option(1, "batch size per device")
     gradient_accumulation_steps: int = _option(1, "batches accumulated per optimizer step")
     learning_rate: float = _option(1e-4, "UNet LoRA learning rate (about 1.0 for prodigy)")
-    text_encoder_lr: float = _option(5e-6, "text-encoder LoRA learning rate")
+    text_encoder_lr: float | None = _option(
+        None, f"text-encoder LoRA learning rate (default: {DEFAULT_TEXT_ENCODER_LR}; with prodigy, --learning-rate)"
+    )
     loraplus_lr_ratio: float | None = _option(
         None, "LoRA+: learning rate of the B matrices over that of the A matrices"
     )
     optimizer: str = _option(
-        "adamw", "adamw, adamw8bit (needs bitsandbytes) or prodigy (needs prodigyopt)", choices=OPTIMIZERS
+        "adamw", "adamw, adamw8bit (needs bitsandbytes) or prodigy (needs prodigyopt); any case (kohya's AdamW8bit)",
+        aliases=("optimizer_type",),
     )
     adam_beta1: float = _option(0.9, "Adam beta1")
     adam_beta2: float = _option(0.999, "Adam beta2")
     adam_weight_decay: float = _option(1e-2, "weight decay")
+    adam_weight_decay_text_encoder: float | None = _option(
+        None, "weight decay of the text-encoder LoRA (default: --adam-weight-decay)"
+    )
     adam_epsilon: float = _option(1e-8, "Adam epsilon")
     max_grad_norm: float = _option(1.0, "gradient clipping norm")
     lr_scheduler: str = _option("constant", "learning-rate schedule", choices=LR_SCHEDULERS)
     lr_warmup_steps: int = _option(0, "warm-up steps of the schedule")
-    lr_num_cycles: int = _option(1, "cycles of cosine_with_restarts")
-    lr_power: float = _option(1.0, "power of the polynomial schedule")
+    lr_num_cycles: int = _option(1, "cycles of cosine_with_restarts", aliases=("lr_scheduler_num_cycles",))
+    lr_power: float = _option(1.0, "power of the polynomial schedule", aliases=("lr_scheduler_power",))
+    prodigy_beta3: float | None = _option(None, "prodigy: beta3 of its step-size estimate (default: sqrt(beta2))")
+    prodigy_decouple: bool = _option(True, "prodigy: AdamW-style decoupled weight decay")
+    prodigy_use_bias_correction: bool = _option(True, "prodigy: Adam's bias correction")
+    prodigy_safeguard_warmup: bool = _option(True, "prodigy: leave the rate out of the step-size estimate while it warms up")
     ema_decay: float | None = _option(
         None, "save the exponential moving average of the LoRA weights (decay e.g. 0.995, about the last 200 steps) "
         "instead of the last step's weights: steadier from run to run; off when unset"
@@ -218,7 +264,7 @@ class TrainConfig:
     # Speed
     cache_latents: bool = _option(True, "encode images to latents once when no random augmentation is on")
     cache_prompt_embeddings: bool = _option(True, "encode prompts once when the text encoders are not trained")
-    dataloader_num_workers: int = _option(0, "data-loading worker processes")
+    dataloader_num_workers: int = _option(0, "data-loading worker processes", aliases=("max_data_loader_n_workers",))
 
     # Checkpoints and feedback
     checkpointing_steps: int | None = _option(
@@ -226,16 +272,27 @@ class TrainConfig:
     )
     checkpointing_epochs: int | None = _option(None, "or save one every N epochs", aliases=("save_every_n_epochs",))
     checkpoints_total_limit: int | None = _option(None, "keep at most this many checkpoints")
-    resume_from_checkpoint: str | None = _option(None, 'resume from "latest" or a checkpoint folder')
+    resume_from_checkpoint: str | None = _option(
+        None, 'resume from "latest" or a checkpoint folder', aliases=("resume",)
+    )
     validation_prompt: str | None = _option(None, "prompt for validation images and the final base-vs-LoRA grid")
-    validation_steps: int | None = _option(None, "make validation images every N steps (default: 100)")
-    validation_epochs: int | None = _option(None, "or make them every N epochs")
+    validation_steps: int | None = _option(
+        None, "make validation images every N steps (default: 100)", aliases=("sample_every_n_steps",)
+    )
+    validation_epochs: int | None = _option(None, "or make them every N epochs", aliases=("sample_every_n_epochs",))
     num_validation_images: int = _option(4, "validation images per prompt")
     inference_steps: int = _option(25, "denoising steps for class images and validation images")
     report_to: str = _option(
-        "auto", "tracker for losses and images (auto: tensorboard when installed)", choices=REPORT_TO
+        "auto", "tracker for losses and images (auto: tensorboard when installed)", choices=REPORT_TO,
+        aliases=("log_with",),
     )
-    export_kohya: bool = _option(False, "also write a kohya-named copy (A1111 / ComfyUI)")
+    export_kohya: bool = _option(
+        False, "also write a kohya-named copy (A1111 / ComfyUI)", aliases=("output_kohya_format",)
+    )
+    output_name: str | None = _option(
+        None, "file name of the kohya-named copy, NAME.safetensors (kohya's --output_name; implies --export-kohya; "
+        "default: the output folder's name + _kohya)"
+    )
     save_precision: str = _option(
         "fp32", "dtype of the saved LoRA files: fp16 or bf16 halve their size (kohya's --save_precision); "
         "checkpoints resume in full precision either way", choices=SAVE_PRECISIONS,
@@ -254,6 +311,12 @@ class TrainConfig:
             self.alpha = float(self.rank)
         if self.trigger_words is None:
             self.trigger_words = self.instance_prompt
+        self.optimizer = self.optimizer.lower()
+        if self.text_encoder_lr is None:  # Prodigy's rate is a multiplier of the step size it estimates, ~1.0 for all
+            self.text_encoder_lr = self.learning_rate if self.optimizer == "prodigy" else DEFAULT_TEXT_ENCODER_LR
+        if self.output_name is not None:
+            self.output_name = self.output_name.removesuffix(".safetensors")
+            self.export_kohya = True
 
         for name in ("instance_prompt",):
             if not str(getattr(self, name)).strip():
@@ -277,6 +340,11 @@ class TrainConfig:
             raise StudioError("--learning-rate and --text-encoder-lr must be positive")
         if not 0.0 <= self.dropout < 1.0:
             raise StudioError(f"--dropout {self.dropout}: must be in [0, 1)")
+        name = self.output_name
+        if name is not None and (
+            not name.strip() or name.startswith(".") or any(c in name for c in "/\\:") or name == "pytorch_lora_weights"
+        ):
+            raise StudioError(f"--output-name {name!r}: a plain file name, other than the diffusers file's")
         if self.caption_extension.lower() in (".", *IMAGE_SUFFIXES) or "/" in self.caption_extension:
             raise StudioError(f"--caption-extension {self.caption_extension!r}: a text file's extension, e.g. .txt")
         if self.clip_skip < 1:

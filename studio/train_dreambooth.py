@@ -365,7 +365,9 @@ def train(config: TrainConfig, base: BaseModel | None = None) -> TrainResult:
         save_dtype = DTYPES[config.save_precision]
         lora_path = save_lora(config.output_dir, trained, initial_state, base.family, metadata, save_dtype)
         if config.export_kohya:
-            kohya_path = export_kohya(config.output_dir, trained, initial_state, base.family, metadata, save_dtype)
+            kohya_path = export_kohya(
+                config.output_dir, trained, initial_state, base.family, metadata, save_dtype, config.output_name
+            )
         if config.validation_prompt:
             save_comparison_grid(config, pipeline, accelerator, trained, vae, text_encoders)
     accelerator.end_training()
@@ -669,19 +671,31 @@ def adapter_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def build_optimizer(config: TrainConfig, optimizer_class, trained: dict[str, torch.nn.Module]) -> torch.optim.Optimizer:
-    """One parameter group per model (the text encoders have their own learning rate); with LoRA+, peft
-    splits each into A and B groups, B at `loraplus_lr_ratio` times the rate."""
+    """One parameter group per model (the text encoders have their own learning rate and weight decay); with
+    LoRA+, peft splits each into A and B groups, B at `loraplus_lr_ratio` times the rate."""
     kwargs = {"weight_decay": config.adam_weight_decay, "eps": config.adam_epsilon}
     kwargs["betas"] = (config.adam_beta1, config.adam_beta2)
+    if config.optimizer == "prodigy":
+        kwargs.update(
+            beta3=config.prodigy_beta3, decouple=config.prodigy_decouple,
+            use_bias_correction=config.prodigy_use_bias_correction, safeguard_warmup=config.prodigy_safeguard_warmup,
+        )  # fmt: skip
+    text_encoder_decay = config.adam_weight_decay_text_encoder
+    if text_encoder_decay is None:
+        text_encoder_decay = config.adam_weight_decay
     groups = []
     for name, module in trained.items():
-        lr = config.learning_rate if name == "unet" else config.text_encoder_lr
+        if name == "unet":
+            lr, decay = config.learning_rate, config.adam_weight_decay
+        else:
+            lr, decay = config.text_encoder_lr, text_encoder_decay
         if config.loraplus_lr_ratio is None:
-            groups.append({"params": [p for p in module.parameters() if p.requires_grad], "lr": lr})
+            params = [p for p in module.parameters() if p.requires_grad]
+            groups.append({"params": params, "lr": lr, "weight_decay": decay})
         else:
             loraplus = create_loraplus_optimizer(
                 module, optimizer_class, lr=lr, loraplus_lr_ratio=config.loraplus_lr_ratio,
-                loraplus_weight_decay=config.adam_weight_decay, **kwargs,
+                loraplus_weight_decay=decay, **kwargs,
             )  # fmt: skip
             groups += [g for g in loraplus.param_groups if g["params"]]
     if optimizer_class is torch.optim.AdamW:
@@ -858,7 +872,8 @@ def save_lora(
 
 
 def export_kohya(
-    folder: Path, trained, initial_state, family: str, metadata: dict[str, str], dtype: torch.dtype
+    folder: Path, trained, initial_state, family: str, metadata: dict[str, str], dtype: torch.dtype,
+    output_name: str | None,
 ) -> Path:
     """A kohya-named copy (`lora_unet_…`, `lora_te…`, `.lora_down/.lora_up/.alpha`) for A1111 / ComfyUI,
     written by `studio.lora_io.write_lora` from the same adapters with each module's scale baked in (in
@@ -869,7 +884,8 @@ def export_kohya(
         scale = settings["lora_alpha"] / (math.sqrt(settings["r"]) if settings["use_rslora"] else settings["r"])
         for key, value in tensors.items():
             state[f"{name}.{key}"] = (value * scale if "lora_B" in key else value).to(dtype)
-    return write_lora(folder / f"{folder.name}_kohya.safetensors", state, metadata, naming="kohya", family=family)
+    name = output_name or f"{folder.name}_kohya"
+    return write_lora(folder / f"{name}.safetensors", state, metadata, naming="kohya", family=family)
 
 
 def lora_metadata(
@@ -928,7 +944,7 @@ def lora_metadata(
         "ss_clip_skip": str(config.clip_skip),
         "ss_min_snr_gamma": str(config.snr_gamma),
         "ss_prior_loss_weight": str(config.prior_loss_weight),
-        "ss_output_name": config.output_dir.name,
+        "ss_output_name": config.output_name or config.output_dir.name,
         "ss_num_train_images": str(len(images) * config.repeats),
         "ss_num_reg_images": str(num_class),
         "ss_tag_frequency": json.dumps({

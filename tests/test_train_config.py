@@ -114,6 +114,11 @@ def test_config_file_keys_may_use_the_other_names_but_not_twice(tmp_path):
     [
         (["--seed", "0", "--push_to_hub"], r"^--push-to-hub: this trainer does not upload"),
         (["--xformers"], r"^--xformers: not needed: PyTorch's scaled-dot-product attention is used$"),
+        (["--sdpa"], r"^--sdpa: not needed: PyTorch's scaled-dot-product attention is used$"),
+        (["--save_model_as=safetensors"], r"^--save-model-as: not needed: LoRA files are always safetensors$"),
+        (["--v2", "--v_parameterization"], r"^--v2: not needed: SD2 and v-prediction are read from the base"),
+        (["--reg_data_dir", "reg"], r"^--reg-data-dir: use --with-prior-preservation with --class-dir"),
+        (["--unet_lr", "1e-4"], r"^--unet-lr: use --learning-rate \(the UNet's rate here"),
         (["--frobnicate", "3"], r"^unknown option\(s\) --frobnicate 3 \(see --help\)$"),
     ],
 )
@@ -232,3 +237,36 @@ def test_caption_extension_gets_its_dot_and_cannot_name_images():
         parse_config(REQUIRED + ["--caption-extension", ".PNG"])
     with pytest.raises(StudioError, match=r"--keep-tokens -1: must be at least 0"):
         parse_config(REQUIRED + ["--keep-tokens", "-1"])
+
+
+def test_kohya_and_diffusers_names_for_the_same_options():
+    config = parse_config(REQUIRED + [
+        "--optimizer_type", "AdamW8bit", "--lr_scheduler_num_cycles", "3", "--lr_scheduler_power", "2",
+        "--max_data_loader_n_workers", "2", "--caption_extention", ".caption", "--dataset_repeats", "5",
+        "--resume", "latest", "--log_with", "tensorboard", "--sample_every_n_steps", "50", "--random_crop",
+        "--train-text-encoder", "--network_train_unet_only", "--lora_dropout", "0.1", "--use_dora",
+        "--output_name", "mylora.safetensors", "--adam_weight_decay_text_encoder", "1e-3",
+    ])  # fmt: skip
+    assert config.optimizer == "adamw8bit"
+    assert (config.lr_num_cycles, config.lr_power, config.dataloader_num_workers) == (3, 2.0, 2)
+    assert (config.caption_extension, config.repeats, config.resume_from_checkpoint) == (".caption", 5, "latest")
+    assert (config.report_to, config.validation_steps, config.crop) == ("tensorboard", 50, "random")
+    assert config.train_text_encoder is False and config.dropout == 0.1 and config.dora is True
+    assert config.output_name == "mylora" and config.export_kohya is True  # naming the kohya copy asks for it
+    assert config.adam_weight_decay_text_encoder == 1e-3
+    assert parse_config(REQUIRED + ["--output_kohya_format"]).export_kohya is True
+
+
+def test_optimizer_names_in_any_case_and_prodigy_trains_the_text_encoder_at_its_rate():
+    assert parse_config(REQUIRED).text_encoder_lr == 5e-6
+    prodigy = parse_config(REQUIRED + ["--optimizer", "Prodigy", "--learning-rate", "1.0"])
+    assert prodigy.optimizer == "prodigy" and prodigy.text_encoder_lr == 1.0  # a multiplier of its own estimate
+    assert parse_config(REQUIRED + ["--optimizer", "prodigy", "--text-encoder-lr", "0.5"]).text_encoder_lr == 0.5
+    with pytest.raises(StudioError, match=r"^--optimizer 'lion': use one of adamw, adamw8bit, prodigy$"):
+        parse_config(REQUIRED + ["--optimizer_type", "Lion"])
+
+
+@pytest.mark.parametrize("name", ["../up", "a/b", ".hidden", "pytorch_lora_weights", " "])
+def test_output_name_is_a_plain_file_name(name):
+    with pytest.raises(StudioError, match=r"^--output-name .*: a plain file name, other than the diffusers file's$"):
+        parse_config(REQUIRED + ["--output-name", name])

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler
+from peft import LoraConfig, inject_adapter_in_model
 from ports import free_port
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -31,6 +32,7 @@ from studio.train_config import TrainConfig
 from studio.train_dreambooth import (
     LORA_FILE,
     RUN_FILE,
+    build_optimizer,
     check_output_dir,
     denoising_target,
     diffusion_loss,
@@ -546,6 +548,45 @@ def test_pissa_is_saved_as_a_plain_lora_against_the_original_base(tmp_path):
     original = tiny_sd_pipeline().unet.get_submodule(module_path).weight
     scale = settings["unet.lora_alpha"] / settings["unet.r"]
     torch.testing.assert_close(original + scale * up @ down, trained_weight, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("loraplus", [None, 4.0])
+def test_optimizer_groups_carry_each_models_rate_and_weight_decay(loraplus):
+    prodigyopt = pytest.importorskip("prodigyopt")
+    trained = {}
+    for name in ("unet", "text_encoder"):
+        trained[name] = torch.nn.Sequential(torch.nn.Linear(3, 3)).requires_grad_(False)
+        inject_adapter_in_model(LoraConfig(r=2, target_modules=["0"]), trained[name])
+    config = options(
+        Path("."), optimizer="Prodigy", learning_rate=1.0, adam_weight_decay=0.1, adam_weight_decay_text_encoder=0.01,
+        prodigy_beta3=0.5, prodigy_safeguard_warmup=False, loraplus_lr_ratio=loraplus,
+    )  # fmt: skip
+    optimizer = build_optimizer(config, prodigyopt.Prodigy, trained)
+    assert isinstance(optimizer, prodigyopt.Prodigy)
+    by_model = {
+        name: sorted((g["lr"], g["weight_decay"]) for g in optimizer.param_groups if set(map(id, g["params"])) <= ids)
+        for name, ids in ((n, {id(p) for p in m.parameters()}) for n, m in trained.items())
+    }  # fmt: skip
+    # Under Prodigy the text encoder trains at --learning-rate too; LoRA+ puts the B matrices at 4 times it.
+    rates = [1.0] if loraplus is None else [1.0, 4.0]
+    assert by_model == {"unet": [(r, 0.1) for r in rates], "text_encoder": [(r, 0.01) for r in rates]}
+    assert (optimizer.defaults["beta3"], optimizer.defaults["safeguard_warmup"]) == (0.5, False)
+    assert optimizer.defaults["use_bias_correction"] is True and optimizer.defaults["decouple"] is True
+
+
+def test_prodigy_trains_and_output_name_names_the_kohya_copy(tmp_path):
+    pytest.importorskip("prodigyopt")
+    draw_images(tmp_path / "images", [(64, 64)])
+    result = train(options(tmp_path, optimizer="prodigy", learning_rate=1.0, train_text_encoder=True,
+                           output_name="my-star", max_train_steps=3))  # fmt: skip
+    assert result.kohya_path == tmp_path / "out" / "my-star.safetensors"
+    assert not list((tmp_path / "out").glob("*_kohya.safetensors"))
+    metadata = lora_metadata(result.kohya_path)
+    assert (metadata["ss_output_name"], metadata["ss_optimizer"], metadata["ss_text_encoder_lr"]) == (
+        "my-star", "prodigy", "1.0"
+    )  # fmt: skip
+    up = {k: t for k, t in load_file(result.lora_path).items() if "lora_B" in k}
+    assert all(t.abs().max() > 0 for k, t in up.items() if k.startswith("text_encoder"))  # trained there too
 
 
 def test_dora_rslora_loraplus_gaussian_train_and_load_in_plain_diffusers(tmp_path):
