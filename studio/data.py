@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,44 +29,73 @@ from studio.prompts import encode_prompts
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+KOHYA_CONCEPT_FOLDER = re.compile(r"^([1-9][0-9]*)_(.*\S.*)$")  # kohya's "10_sks dog": 10 repeats, prompt "sks dog"
 
 
 @dataclass(frozen=True)
 class ImageRecord:
-    """One readable training image: where it is, the prompt it is trained with, its size as (height, width)."""
+    """One readable training image: where it is, the prompt it is trained with, its size as (height, width),
+    and how many times an epoch shows it (its kohya folder's repeats; `--repeats` multiplies them all)."""
 
     path: Path
     prompt: str
     size: tuple[int, int]
+    repeats: int = 1
+
+
+def concept_folders(folder: Path) -> list[tuple[Path, str, int]]:
+    """The subfolders of `folder` named kohya's way, `N_prompt`, as (path, prompt, N), sorted by name."""
+    found = []
+    for path in sorted(p for p in folder.iterdir() if p.is_dir()):
+        match = KOHYA_CONCEPT_FOLDER.match(path.name)
+        if match:
+            found.append((path, match[2].strip(), int(match[1])))
+    return found
 
 
 def scan_images(
-    folder: Path, default_prompt: str, what: str = "instance", required: bool = True, caption_extension: str = ".txt"
+    folder: Path,
+    default_prompt: str | None,
+    what: str = "instance",
+    required: bool = True,
+    caption_extension: str = ".txt",
 ) -> list[ImageRecord]:
-    """The readable images in `folder` (sorted by name), each with its caption file's text (NAME + `caption_extension`
-    beside NAME.png) or `default_prompt`.
+    """The readable images in `folder` and in its kohya-style `N_prompt` subfolders (each sorted by name), each
+    with its caption file's text (NAME + `caption_extension` beside NAME.png), else its folder's prompt:
+    `default_prompt` at the top, `prompt` in an `N_prompt` folder, whose images an epoch shows N times.
 
-    Unreadable image files are skipped with one warning that names them; a missing folder, or one with no
-    readable image, is a `StudioError` when `required` (class folders may start empty: they get generated).
+    Unreadable image files are skipped with one warning that names them; a missing folder, one with no
+    readable image (when `required`: class folders may start empty, they get generated) or an image with no
+    prompt at all is a `StudioError`.
     """
     if not folder.is_dir():
         if required:
             raise StudioError(f"{folder}: {what} folder not found")
         return []
-    candidates = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    records, unreadable = [], []
-    for path in candidates:
-        try:
-            with Image.open(path) as image:
-                image = ImageOps.exif_transpose(image)
-                image.load()
-                size = (image.height, image.width)
-        except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError):
-            unreadable.append(path.name)
-            continue
-        records.append(ImageRecord(path=path, prompt=_caption(path, caption_extension) or default_prompt, size=size))
+    records, unreadable, unprompted = [], [], []
+    for source, prompt, repeats in [(folder, default_prompt, 1), *concept_folders(folder)]:
+        for path in sorted(p for p in source.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
+            name = str(path.relative_to(folder))
+            try:
+                with Image.open(path) as image:
+                    image = ImageOps.exif_transpose(image)
+                    image.load()
+                    size = (image.height, image.width)
+            except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError):
+                unreadable.append(name)
+                continue
+            caption = _caption(path, caption_extension) or prompt
+            if caption is None:
+                unprompted.append(name)
+                continue
+            records.append(ImageRecord(path=path, prompt=caption, size=size, repeats=repeats))
     if unreadable:
         logger.warning("%s: skipping unreadable image file(s): %s", folder, ", ".join(unreadable))
+    if unprompted:
+        raise StudioError(
+            f"{folder}: {', '.join(unprompted[:3])}{' ...' if len(unprompted) > 3 else ''} ha"
+            f"{'s' if len(unprompted) == 1 else 've'} no {caption_extension} caption: give --{what}-prompt"
+        )
     if required and not records:
         if unreadable:
             raise StudioError(f"{folder}: none of the {len(unreadable)} image file(s) could be read")
@@ -104,8 +134,8 @@ class Example:
 class DreamBoothDataset(torch.utils.data.Dataset):
     """Instance (and class) images as model-ready tensors, one `Example` per item.
 
-    An epoch shows every instance image `repeats` times; with class images it is as long as the longer
-    of the two lists, as in diffusers' DreamBooth scripts. Call `set_epoch` before each epoch so random
+    An epoch shows every instance image `repeats` times its own repeats (its kohya folder's); with class images
+    it is as long as the longer of the two lists, as in diffusers' DreamBooth scripts. Call `set_epoch` before each epoch so random
     crops and flips differ between epochs but not between a run and its resumption.
     """
 
@@ -132,15 +162,16 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         self.seed = seed
         self.epoch = 0
         self.latents: dict[tuple[str, int, tuple[int, int]], torch.Tensor] | None = None
-        length = len(instance_images) * repeats
-        if self.class_images:
-            length = max(length, len(self.class_images))
+        # Which instance each example shows, round-robin: 0, 1, ..., n-1, 0, 1, ... while each has repeats left.
+        counts = [record.repeats * repeats for record in instance_images]
+        shown = [i for turn in range(max(counts)) for i, count in enumerate(counts) if turn < count]
+        length = max(len(shown), len(self.class_images))
         instance_buckets = [buckets[find_nearest_bucket(h, w, buckets)] for h, w in (r.size for r in instance_images)]
         self.examples = [
             Example(
-                instance=i % len(instance_images),
+                instance=shown[i % len(shown)],
                 class_image=i % len(self.class_images) if self.class_images else None,
-                bucket=instance_buckets[i % len(instance_images)],
+                bucket=instance_buckets[shown[i % len(shown)]],
             )
             for i in range(length)
         ]

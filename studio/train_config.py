@@ -92,8 +92,8 @@ _HINTS = [
     (("optimizer_args",), "use --adam-beta1/2, --adam-weight-decay, --adam-epsilon and the --prodigy-* options"),
     (("network_module",), "not needed: this trainer always trains LoRA (peft); see --dora and --init for variants"),
     (("network_args",), "add conv1,conv2 to --unet-targets for LoCon-style conv layers; --dora for DoRA"),
-    (("train_data_dir", "dataset_config", "in_json", "dataset_name", "image_column", "caption_column"),
-     "use --instance-dir (one folder of images, NAME.txt captions beside them) and --repeats"),
+    (("dataset_config", "in_json", "dataset_name", "image_column", "caption_column"),
+     "use --instance-dir (a folder of images, NAME.txt captions beside them, or kohya's N_PROMPT subfolders)"),
     (("reg_data_dir",), "use --with-prior-preservation with --class-dir and --class-prompt"),
     (("min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale"),
      "--buckets auto makes aspect-ratio buckets of about --resolution squared pixels, sides in steps of 64; "
@@ -132,11 +132,14 @@ class TrainConfig:
 
     # What to learn
     instance_dir: Path = _option(
-        help="folder of images of the subject; a NAME.txt beside NAME.png is its caption",
-        aliases=("instance_data_dir",),
+        help="folder of images of the subject; a NAME.txt beside NAME.png is its caption; kohya-style subfolders "
+        "N_PROMPT (e.g. 10_sks dog) add their images N times an epoch, PROMPT for those without a caption",
+        aliases=("instance_data_dir", "train_data_dir"),
     )
-    instance_prompt: str = _option(help='prompt for images without a caption file, e.g. "a photo of sks dog"')
     output_dir: Path = _option(help="where the LoRA, checkpoints and validation images go")
+    instance_prompt: str | None = _option(
+        None, 'prompt for the images (directly in --instance-dir) without a caption file, e.g. "a photo of sks dog"'
+    )
     base: str = _option(
         "demo", "base model: demo, tiny-sd, tiny-sdxl, a hub id, a diffusers folder or a .safetensors",
         aliases=("pretrained_model_name_or_path",),
@@ -149,7 +152,8 @@ class TrainConfig:
         False, "accept a .ckpt/.pt/.bin --base or --init-from (pickle files, read with torch's weights-only loader)"
     )
     trigger_words: str | None = _option(
-        None, "comma-separated trigger words stored in the LoRA (default: the instance prompt)"
+        None, "comma-separated trigger words stored in the LoRA (default: the instance prompt, or else the "
+        "prompts of the kohya-style subfolders)"
     )
 
     # Prior preservation
@@ -318,9 +322,8 @@ class TrainConfig:
             self.output_name = self.output_name.removesuffix(".safetensors")
             self.export_kohya = True
 
-        for name in ("instance_prompt",):
-            if not str(getattr(self, name)).strip():
-                raise StudioError(f"--{_flag(name)} is empty")
+        if self.instance_prompt is not None and not self.instance_prompt.strip():
+            raise StudioError("--instance-prompt is empty")
         if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
             raise StudioError(f"--resolution {self.resolution}: must be a positive multiple of 8")
         if self.rank <= 0:
@@ -449,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line, generated from the dataclass so flags, defaults and help cannot drift apart."""
     parser = _Parser(
         prog="python -m studio.train_dreambooth",
-        usage="%(prog)s --instance-dir DIR --instance-prompt TEXT --output-dir DIR [--base SOURCE] [options]",
+        usage="%(prog)s --instance-dir DIR --output-dir DIR [--instance-prompt TEXT] [--base SOURCE] [options]",
         description="Train a DreamBooth LoRA on SD1.x / SD2.x / SDXL; writes pytorch_lora_weights.safetensors "
         "that plain diffusers loads with pipe.load_lora_weights(output_dir).",
         argument_default=argparse.SUPPRESS,  # only what the user typed, so a config file can fill the rest

@@ -51,6 +51,7 @@ from studio.data import (
     bucket_sizes,
     cache_latents,
     collate,
+    concept_folders,
     sample_latents,
     scan_images,
 )
@@ -895,8 +896,13 @@ def lora_metadata(
     """Safetensors metadata: `studio.*` keys, and kohya's `ss_*` keys where one means the same thing.
 
     `ss_tag_frequency` counts the instance captions' comma-separated tags (lowercased, every occurrence) under
-    the instance folder's name, as kohya does: what civitai and A1111 show as the training tags."""
+    each image folder's name, as kohya does: what civitai and A1111 show as the training tags. Without an
+    instance prompt, the kohya-style folders' prompts are the trigger words."""
     v_prediction = base.pipeline.scheduler.config.get("prediction_type") == "v_prediction"
+    concepts = ", ".join(dict.fromkeys(prompt for _, prompt, _ in concept_folders(config.instance_dir)))
+    by_folder: dict[str, list[ImageRecord]] = {}
+    for image in images:
+        by_folder.setdefault(image.path.parent.name, []).append(image)
     return {
         "studio.base_model": base.source,
         "studio.family": base.family,
@@ -904,8 +910,8 @@ def lora_metadata(
         "studio.alpha": str(config.alpha),
         "studio.unet_targets": ",".join(config.unet_targets),
         "studio.text_encoder_targets": ",".join(config.text_encoder_targets) if config.train_text_encoder else "",
-        "studio.trigger_words": config.trigger_words,
-        "studio.trigger_prompt": config.instance_prompt,
+        "studio.trigger_words": config.trigger_words or concepts,
+        "studio.trigger_prompt": config.instance_prompt or concepts,
         "studio.steps": str(steps),
         "studio.resolution": str(resolution),
         "studio.prediction_type": "v_prediction" if v_prediction else "epsilon",
@@ -945,10 +951,14 @@ def lora_metadata(
         "ss_min_snr_gamma": str(config.snr_gamma),
         "ss_prior_loss_weight": str(config.prior_loss_weight),
         "ss_output_name": config.output_name or config.output_dir.name,
-        "ss_num_train_images": str(len(images) * config.repeats),
+        "ss_num_train_images": str(sum(image.repeats for image in images) * config.repeats),
         "ss_num_reg_images": str(num_class),
         "ss_tag_frequency": json.dumps({
-            config.instance_dir.name: Counter(tag for image in images for tag in _tags(image.prompt))
+            folder: Counter(tag for image in group for tag in _tags(image.prompt)) for folder, group in by_folder.items()
+        }),
+        "ss_dataset_dirs": json.dumps({
+            folder: {"n_repeats": group[0].repeats * config.repeats, "img_count": len(group)}
+            for folder, group in by_folder.items()
         }),
     }
 

@@ -19,6 +19,7 @@ from studio.data import (
     load_pixels,
     scan_images,
 )
+from studio.errors import StudioError
 from studio.prompts import encode_prompts
 from studio.tiny import tiny_sd_pipeline, tiny_sdxl_pipeline
 
@@ -46,6 +47,43 @@ def test_the_caption_extension_picks_which_file_beside_the_image_is_the_caption(
     assert scan_images(tmp_path, "x")[0].prompt == "from the txt"
     assert scan_images(tmp_path, "x", caption_extension=".caption")[0].prompt == "from the caption file"
     assert scan_images(tmp_path, "x", caption_extension=".tags")[0].prompt == "x"
+
+
+def test_kohya_style_subfolders_add_their_images_with_their_repeats_and_prompt(tmp_path):
+    gradient_image(tmp_path / "top.png", 16, 16)
+    (tmp_path / "top.txt").write_text("a captioned one")
+    concept = tmp_path / "3_sks dog"
+    concept.mkdir()
+    for name in ("a", "b"):
+        gradient_image(concept / f"{name}.png", 16, 16)
+    (concept / "b.txt").write_text("sks dog, running")
+    for ignored in ("notes", "0_zero repeats", "5_"):  # not N_PROMPT with N >= 1 and a prompt
+        (tmp_path / ignored).mkdir()
+        gradient_image(tmp_path / ignored / "x.png", 16, 16)
+    records = scan_images(tmp_path, None)  # every top-level image has a caption: no prompt needed
+    assert [(str(r.path.relative_to(tmp_path)), r.prompt, r.repeats) for r in records] == [
+        ("top.png", "a captioned one", 1), ("3_sks dog/a.png", "sks dog", 3), ("3_sks dog/b.png", "sks dog, running", 3),
+    ]  # fmt: skip
+
+    dataset = DreamBoothDataset(records, None, [(16, 16)], repeats=2)
+    shown = [example.instance for example in dataset.examples]
+    assert len(shown) == (1 + 3 + 3) * 2
+    assert [shown.count(i) for i in range(3)] == [2, 6, 6]
+
+
+def test_equal_repeats_keep_the_round_robin_order_runs_were_trained_with(tmp_path):
+    for name in ("a", "b", "c"):
+        gradient_image(tmp_path / f"{name}.png", 16, 16)
+    dataset = DreamBoothDataset(scan_images(tmp_path, "x"), None, [(16, 16)], repeats=4)
+    assert [example.instance for example in dataset.examples] == [i % 3 for i in range(12)]
+
+
+def test_an_image_with_no_prompt_at_all_is_named(tmp_path):
+    for name in ("a", "b"):
+        gradient_image(tmp_path / f"{name}.png", 16, 16)
+    (tmp_path / "a.txt").write_text("a caption")
+    with pytest.raises(StudioError, match=r": b.png has no .txt caption: give --instance-prompt$"):
+        scan_images(tmp_path, None)
 
 
 def test_shuffled_captions_keep_the_leading_tags_and_vary_by_epoch_but_repeat_for_a_resumed_run(tmp_path):

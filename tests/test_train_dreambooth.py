@@ -27,6 +27,7 @@ from studio import demo_world
 from studio.base import load_base
 from studio.checkpoint import ldm_state_dict, save_single_file
 from studio.errors import StudioError
+from studio.lora_io import read_lora
 from studio.tiny import tiny_sd_pipeline, tiny_sdxl_pipeline
 from studio.train_config import TrainConfig
 from studio.train_dreambooth import (
@@ -440,6 +441,20 @@ def test_epoch_counted_lengths_become_optimizer_steps(tmp_path):
     again = load_file(resumed.lora_path)
     assert again.keys() == uninterrupted.keys()
     assert all(torch.equal(again[key], uninterrupted[key]) for key in uninterrupted)
+
+
+def test_a_kohya_dataset_folder_trains_without_an_instance_prompt(tmp_path, capsys):
+    draw_images(tmp_path / "data" / "2_sks shape", [(64, 64), (64, 64)])
+    out = tmp_path / "out"
+    code = main(["--base", "tiny-sd", "--train_data_dir", str(tmp_path / "data"), "--output_dir", str(out),
+                 "--max_train_epochs", "1", "--report-to", "none"])  # fmt: skip
+    assert code == 0
+    assert "trained 4 steps" in capsys.readouterr().out  # 2 images, 2 repeats each
+    metadata = lora_metadata(out / LORA_FILE)
+    assert read_lora(out / LORA_FILE).trigger_words == ["sks shape"]
+    assert metadata["studio.trigger_prompt"] == "sks shape" and metadata["ss_num_train_images"] == "4"
+    assert json.loads(metadata["ss_dataset_dirs"]) == {"2_sks shape": {"n_repeats": 2, "img_count": 2}}
+    assert json.loads(metadata["ss_tag_frequency"]) == {"2_sks shape": {"sks shape": 2}}
 
 
 def test_ema_saves_the_moving_average_of_the_weights_after_each_step(tmp_path):
