@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import replace
@@ -505,9 +506,16 @@ def test_two_process_torchrun_completes_and_writes_one_output(tmp_path, base, ex
         "--report-to", "none", *extra,
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.count("trained 2 steps") == 1  # the summary comes from the main process only
+    # In a session of its own, so a run that hangs is killed with its ranks, not just torchrun's own process.
+    with subprocess.Popen(command, cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, start_new_session=True) as run:  # fmt: skip
+        try:
+            stdout, stderr = run.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            os.killpg(run.pid, signal.SIGKILL)
+            raise
+    assert run.returncode == 0, stderr[-2000:]
+    assert stdout.count("trained 2 steps") == 1  # the summary comes from the main process only
     files = sorted(p.name for p in out.iterdir())
     assert files == ["checkpoint-1", LORA_FILE, RUN_FILE]
     assert sorted(p.name for p in (out / "checkpoint-1").iterdir()) == sorted([
