@@ -50,9 +50,11 @@ def prompt_arguments(
     `encode_prompts` for the prompt and the negative prompt alike, as A1111 and ComfyUI apply clip skip to
     both (diffusers' own `clip_skip` applies it to the prompt only); an SDXL pipeline that zeroes the
     embeddings of a missing negative prompt (`force_zeros_for_empty_prompt`) still does."""
-    if clip_skip == 1:
-        return {"prompt": prompt, "negative_prompt": negative_prompt}
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if clip_skip == 1:
+        if negative_prompt is not None and not isinstance(prompt, str):  # a list of prompts takes a list of them
+            return {"prompt": prompt, "negative_prompt": [negative_prompt] * len(prompts)}
+        return {"prompt": prompt, "negative_prompt": negative_prompt}
     text_encoders = pipeline_text_encoders(pipeline)
     tokenizers = [pipeline.tokenizer] + ([pipeline.tokenizer_2] if len(text_encoders) == 2 else [])
     embeds, pooled = encode_prompts(text_encoders, tokenizers, prompts, clip_skip)

@@ -45,8 +45,8 @@ LR_SCHEDULERS = tuple(s.value for s in SchedulerType if s.value != "piecewise_co
 # differs only in these is the same run (it may be resumed, or extended with more steps).
 NOT_PART_OF_RUN = frozenset({
     "output_dir", "resume_from_checkpoint", "max_train_steps", "num_train_epochs", "checkpointing_steps",
-    "checkpointing_epochs", "checkpoints_total_limit", "validation_prompt", "validation_steps", "validation_epochs",
-    "num_validation_images", "report_to", "export_kohya",
+    "checkpointing_epochs", "checkpoints_total_limit", "validation_prompt", "validation_prompts_file",
+    "validation_steps", "validation_epochs", "num_validation_images", "report_to", "export_kohya",
     "cache_latents", "cache_prompt_embeddings", "dataloader_num_workers", "gradient_checkpointing",
     "base_config", "allow_pickle", "save_precision", "output_name",
 })  # fmt: skip
@@ -102,8 +102,7 @@ _HINTS = [
     (("save_last_n_steps", "save_last_n_epochs", "save_last_n_steps_state", "save_last_n_epochs_state"),
      "use --checkpoints-total-limit"),
     (("save_model_as", "use_safetensors"), "not needed: LoRA files are always safetensors"),
-    (("sample_prompts", "sample_sampler"),
-     "use --validation-prompt (made with the base model's scheduler, --inference-steps steps)"),
+    (("sample_sampler",), "not needed: validation images use the base model's scheduler"),
     (("logging_dir",), "not needed: TensorBoard logs go to OUTPUT_DIR/logs"),
     (("prior_generation_precision",), "not needed: class images are generated in float32"),
     (("local_rank",), "launch with torchrun or accelerate launch (they pass the rank in the environment)"),
@@ -247,7 +246,9 @@ class TrainConfig:
     prodigy_beta3: float | None = _option(None, "prodigy: beta3 of its step-size estimate (default: sqrt(beta2))")
     prodigy_decouple: bool = _option(True, "prodigy: AdamW-style decoupled weight decay")
     prodigy_use_bias_correction: bool = _option(True, "prodigy: Adam's bias correction")
-    prodigy_safeguard_warmup: bool = _option(True, "prodigy: leave the rate out of the step-size estimate while it warms up")
+    prodigy_safeguard_warmup: bool = _option(
+        True, "prodigy: leave the rate out of the step-size estimate while it warms up"
+    )
     ema_decay: float | None = _option(
         None, "save the exponential moving average of the LoRA weights (decay e.g. 0.995, about the last 200 steps) "
         "instead of the last step's weights: steadier from run to run; off when unset"
@@ -280,11 +281,15 @@ class TrainConfig:
         None, 'resume from "latest" or a checkpoint folder', aliases=("resume",)
     )
     validation_prompt: str | None = _option(None, "prompt for validation images and the final base-vs-LoRA grid")
+    validation_prompts_file: Path | None = _option(
+        None, "or a text file of prompts, one image per line with kohya's options: --n negative prompt, --w/--h size, "
+        "--s steps, --l guidance scale, --d seed (kohya's --sample_prompts)", aliases=("sample_prompts",),
+    )
     validation_steps: int | None = _option(
         None, "make validation images every N steps (default: 100)", aliases=("sample_every_n_steps",)
     )
     validation_epochs: int | None = _option(None, "or make them every N epochs", aliases=("sample_every_n_epochs",))
-    num_validation_images: int = _option(4, "validation images per prompt")
+    num_validation_images: int = _option(4, "images of --validation-prompt (a prompts file: one per line)")
     inference_steps: int = _option(25, "denoising steps for class images and validation images")
     report_to: str = _option(
         "auto", "tracker for losses and images (auto: tensorboard when installed)", choices=REPORT_TO,
@@ -307,6 +312,8 @@ class TrainConfig:
         self.output_dir = Path(self.output_dir)
         self.class_dir = Path(self.class_dir) if self.class_dir is not None else None
         self.init_from = Path(self.init_from) if self.init_from is not None else None
+        if self.validation_prompts_file is not None:
+            self.validation_prompts_file = Path(self.validation_prompts_file)
         self.unet_targets = _name_list(self.unet_targets)
         self.text_encoder_targets = _name_list(self.text_encoder_targets)
         if not self.caption_extension.startswith("."):
@@ -324,6 +331,8 @@ class TrainConfig:
 
         if self.instance_prompt is not None and not self.instance_prompt.strip():
             raise StudioError("--instance-prompt is empty")
+        if self.validation_prompt is not None and self.validation_prompts_file is not None:
+            raise StudioError("--validation-prompt and --validation-prompts-file: give one of the two")
         if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
             raise StudioError(f"--resolution {self.resolution}: must be a positive multiple of 8")
         if self.rank <= 0:

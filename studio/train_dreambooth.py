@@ -67,6 +67,7 @@ from studio.train_config import (
     option_defaults,
     parse_config,
 )
+from studio.validation_prompts import ValidationImage, validation_images_wanted
 
 logger = logging.getLogger("studio.train_dreambooth")
 
@@ -128,6 +129,9 @@ def train(config: TrainConfig, base: BaseModel | None = None) -> TrainResult:
             config.class_dir, config.class_prompt, "class", required=False, caption_extension=config.caption_extension
         )
     check_output_dir(config)
+    validation = validation_images_wanted(
+        config.validation_prompt, config.num_validation_images, config.validation_prompts_file, config.seed
+    )
     resume_dir = find_resume_checkpoint(config)
     initial_lora = read_initial_lora(config) if resume_dir is None else None  # a resumed run has its weights
     optimizer_class = optimizer_class_for(config.optimizer)
@@ -346,10 +350,10 @@ def train(config: TrainConfig, base: BaseModel | None = None) -> TrainResult:
                     config, base, plan, global_step, resolution, instance_images, len(class_images)
                 )
                 save_checkpoint(accelerator, config, global_step, trained, initial_state, base.family, metadata, ema)
-            if config.validation_prompt and global_step % plan.validate_every == 0 and accelerator.is_main_process:
+            if validation and global_step % plan.validate_every == 0 and accelerator.is_main_process:
                 with averaged_weights(ema, trained_params):
-                    images = validation_images(config, pipeline, accelerator, trained, vae, text_encoders)
-                save_validation(config, accelerator, images, global_step)
+                    images = validation_images(config, validation, pipeline, accelerator, trained, vae, text_encoders)
+                save_validation(config, accelerator, validation, images, global_step)
             pause += time.perf_counter() - paused_at
             if global_step >= plan.total:
                 break
@@ -369,8 +373,8 @@ def train(config: TrainConfig, base: BaseModel | None = None) -> TrainResult:
             kohya_path = export_kohya(
                 config.output_dir, trained, initial_state, base.family, metadata, save_dtype, config.output_name
             )
-        if config.validation_prompt:
-            save_comparison_grid(config, pipeline, accelerator, trained, vae, text_encoders)
+        if validation:
+            save_comparison_grid(config, validation, pipeline, accelerator, trained, vae, text_encoders)
     accelerator.end_training()
     steps_done = global_step - start_step
     result = TrainResult(
@@ -954,7 +958,8 @@ def lora_metadata(
         "ss_num_train_images": str(sum(image.repeats for image in images) * config.repeats),
         "ss_num_reg_images": str(num_class),
         "ss_tag_frequency": json.dumps({
-            folder: Counter(tag for image in group for tag in _tags(image.prompt)) for folder, group in by_folder.items()
+            folder: Counter(tag for image in group for tag in _tags(image.prompt))
+            for folder, group in by_folder.items()
         }),
         "ss_dataset_dirs": json.dumps({
             folder: {"n_repeats": group[0].repeats * config.repeats, "img_count": len(group)}
@@ -967,30 +972,37 @@ def lora_metadata(
 
 
 @torch.no_grad()
-def validation_images(config: TrainConfig, pipeline, accelerator, trained, vae, text_encoders) -> list[Image.Image]:
-    """`--num-validation-images` images of the validation prompt with the LoRA as trained so far (fixed seeds)."""
+def validation_images(
+    config: TrainConfig, wanted: list[ValidationImage], pipeline, accelerator, trained, vae, text_encoders
+) -> list[Image.Image]:
+    """The `wanted` images with the LoRA as trained so far, in order; those that differ only in their seed are
+    drawn in one pipeline call."""
     for module in trained.values():
         module.eval()
+    images = []
     try:
         with offload_models(vae, *text_encoders, device=accelerator.device), accelerator.autocast():
-            generators = [
-                torch.Generator(accelerator.device).manual_seed(config.seed + i)
-                for i in range(config.num_validation_images)
-            ]
-            return pipeline(
-                **prompt_arguments(pipeline, [config.validation_prompt] * config.num_validation_images, None,
-                                   config.clip_skip),
-                num_inference_steps=config.inference_steps,
-                height=config.resolution,
-                width=config.resolution,
-                generator=generators,
-            ).images
+            for _, group in itertools.groupby(wanted, key=ValidationImage.settings):
+                group = list(group)
+                first = group[0]
+                extra = {} if first.guidance_scale is None else {"guidance_scale": first.guidance_scale}
+                images += pipeline(
+                    **prompt_arguments(pipeline, [first.prompt] * len(group), first.negative_prompt, config.clip_skip),
+                    num_inference_steps=first.steps or config.inference_steps,
+                    height=first.height or config.resolution,
+                    width=first.width or config.resolution,
+                    generator=[torch.Generator(accelerator.device).manual_seed(image.seed) for image in group],
+                    **extra,
+                ).images
     finally:
         for module in trained.values():
             module.train()
+    return images
 
 
-def save_validation(config: TrainConfig, accelerator: Accelerator, images: list[Image.Image], step: int) -> None:
+def save_validation(
+    config: TrainConfig, accelerator: Accelerator, wanted: list[ValidationImage], images: list[Image.Image], step: int
+) -> None:
     folder = config.output_dir / "validation"
     folder.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(images):
@@ -999,22 +1011,28 @@ def save_validation(config: TrainConfig, accelerator: Accelerator, images: list[
         if tracker.name == "tensorboard":
             import numpy as np
 
-            tracker.writer.add_images("validation", np.stack([np.asarray(i) for i in images]), step, dataformats="NHWC")
+            for i, image in enumerate(images):  # one by one: a prompt file's images may differ in size
+                tracker.writer.add_image(f"validation/{i}", np.asarray(image), step, dataformats="HWC")
         elif tracker.name == "wandb":
             import wandb
 
-            tracker.log({"validation": [wandb.Image(i, caption=config.validation_prompt) for i in images]}, step=step)
+            tracker.log({"validation": [wandb.Image(i, caption=w.prompt) for w, i in zip(wanted, images)]}, step=step)
 
 
-def save_comparison_grid(config: TrainConfig, pipeline, accelerator, trained, vae, text_encoders) -> Path:
-    """Top row the base model, bottom row with the LoRA: same prompt, same seeds."""
-    with_lora = validation_images(config, pipeline, accelerator, trained, vae, text_encoders)
+def save_comparison_grid(
+    config: TrainConfig, wanted: list[ValidationImage], pipeline, accelerator, trained, vae, text_encoders
+) -> Path:
+    """Top row the base model, bottom row with the LoRA: same prompts, same seeds (each image in the first's
+    size, so a prompt file's mixed sizes still tile)."""
+    with_lora = validation_images(config, wanted, pipeline, accelerator, trained, vae, text_encoders)
     set_lora_enabled(trained.values(), False)
     try:
-        without = validation_images(config, pipeline, accelerator, trained, vae, text_encoders)
+        without = validation_images(config, wanted, pipeline, accelerator, trained, vae, text_encoders)
     finally:
         set_lora_enabled(trained.values(), True)
-    grid = make_image_grid(without + with_lora, rows=2, cols=len(with_lora))
+    size = with_lora[0].size
+    tiles = [i if i.size == size else i.resize(size, Image.Resampling.LANCZOS) for i in without + with_lora]
+    grid = make_image_grid(tiles, rows=2, cols=len(with_lora))
     path = config.output_dir / "validation_grid.png"
     save_image_atomic(grid, path)
     return path

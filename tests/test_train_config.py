@@ -270,3 +270,10 @@ def test_optimizer_names_in_any_case_and_prodigy_trains_the_text_encoder_at_its_
 def test_output_name_is_a_plain_file_name(name):
     with pytest.raises(StudioError, match=r"^--output-name .*: a plain file name, other than the diffusers file's$"):
         parse_config(REQUIRED + ["--output-name", name])
+
+
+def test_validation_comes_from_one_prompt_or_a_prompt_file_not_both():
+    config = parse_config(REQUIRED + ["--sample_prompts", "prompts.txt"])  # kohya's name
+    assert str(config.validation_prompts_file) == "prompts.txt" and config.validation_prompt is None
+    with pytest.raises(StudioError, match=r"^--validation-prompt and --validation-prompts-file: give one of the two$"):
+        parse_config(REQUIRED + ["--validation-prompt", "a dog", "--validation-prompts-file", "prompts.txt"])

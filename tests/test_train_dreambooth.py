@@ -20,6 +20,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 from peft import LoraConfig, inject_adapter_in_model
+from PIL import Image
 from ports import free_port
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -370,6 +371,29 @@ def test_sdxl_kohya_export_names_both_encoders(sdxl_run):
     keys = load_file(sdxl_run.result.kohya_path).keys()
     assert any(k.startswith("lora_te1_") for k in keys) and any(k.startswith("lora_te2_") for k in keys)
     assert any(k.startswith("lora_unet_") for k in keys)
+
+
+def test_a_prompt_file_draws_each_line_with_its_own_options(tmp_path):
+    draw_images(tmp_path / "images", [(64, 64)])
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# kohya's sample prompts\n\na sks shape --n blue --w 32 --h 48 --s 2 --l 4.5 --d 5\n"
+                       "a red circle --s 1 --ss euler_a\n")  # fmt: skip
+    train(options(tmp_path, max_train_steps=1, validation_steps=1, validation_prompts_file=prompts))
+    out = tmp_path / "out"
+    with Image.open(out / "validation" / "step-000001-0.png") as first, Image.open(out / "validation_grid.png") as grid:
+        assert first.size == (32, 48)
+        assert grid.size == (64, 96)  # two columns in the first image's size, base row above LoRA row
+        base_tile = np.asarray(grid.convert("RGB").crop((0, 0, 32, 48)))
+    with Image.open(out / "validation" / "step-000001-1.png") as second:
+        assert second.size == (64, 64)  # the training resolution where a line gives no size
+
+    # The grid's base tile is the plain pipeline's image for that line: its prompt, negative, size, steps,
+    # guidance and seed.
+    plain = tiny_sd_pipeline()(
+        "a sks shape", negative_prompt="blue", width=32, height=48, num_inference_steps=2, guidance_scale=4.5,
+        generator=torch.Generator("cpu").manual_seed(5),
+    ).images[0]  # fmt: skip
+    assert np.array_equal(base_tile, np.asarray(plain))
 
 
 def test_validation_images_and_base_vs_lora_grid_are_written(sdxl_run):
@@ -792,6 +816,7 @@ def bad_input_cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
     (tmp / "other-run" / RUN_FILE).write_text(json.dumps({**options(tmp, instance_dir=good).to_dict(), "rank": 16}))
     (tmp / "not-a-run").mkdir()
     (tmp / "not-a-run" / "notes.txt").write_text("mine")
+    (tmp / "prompts.txt").write_text("a sks shape --w 100\n")
     return {
         "missing instance dir": (["--instance-dir", str(tmp / "nope")], "folder not found"),
         "empty instance dir": (["--instance-dir", str(tmp / "empty")], "holds no images"),
@@ -812,6 +837,10 @@ def bad_input_cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
         "prior without class": (["--instance-dir", str(good), "--with-prior-preservation"], "--class-prompt"),
         "unknown flag value": (["--instance-dir", str(good), "--crop", "diagonal"], "crop"),
         "caption dropout": (["--instance-dir", str(good), "--caption-dropout-rate", "1"], "--caption-dropout-rate 1"),
+        "prompt file": (
+            ["--instance-dir", str(good), "--sample_prompts", str(tmp / "prompts.txt")],
+            "prompts.txt line 1: the width 100 is not a positive multiple of 8",
+        ),
     }
 
 
@@ -819,7 +848,7 @@ def bad_input_cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
     "case",
     ["missing instance dir", "empty instance dir", "no readable image", "resolution", "rank", "unet target",
      "text encoder target", "different run", "foreign folder", "missing checkpoint", "prior without class",
-     "unknown flag value", "caption dropout"],
+     "unknown flag value", "caption dropout", "prompt file"],
 )  # fmt: skip
 def test_bad_input_is_one_line_and_exit_code_2_before_any_model_loads(case, tmp_path, capsys, no_model_loading):
     arguments, expected = bad_input_cases(tmp_path)[case]
