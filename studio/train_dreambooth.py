@@ -1022,16 +1022,21 @@ def save_validation(
 def save_comparison_grid(
     config: TrainConfig, wanted: list[ValidationImage], pipeline, accelerator, trained, vae, text_encoders
 ) -> Path:
-    """Top row the base model, bottom row with the LoRA: same prompts, same seeds (each image in the first's
-    size, so a prompt file's mixed sizes still tile)."""
+    """Top row the base model, bottom row with the LoRA: same prompts, same seeds. A prompt file's images of
+    mixed sizes are each centred, unscaled, on a white tile of the largest width and height."""
     with_lora = validation_images(config, wanted, pipeline, accelerator, trained, vae, text_encoders)
     set_lora_enabled(trained.values(), False)
     try:
         without = validation_images(config, wanted, pipeline, accelerator, trained, vae, text_encoders)
     finally:
         set_lora_enabled(trained.values(), True)
-    size = with_lora[0].size
-    tiles = [i if i.size == size else i.resize(size, Image.Resampling.LANCZOS) for i in without + with_lora]
+    images = without + with_lora
+    width, height = max(i.width for i in images), max(i.height for i in images)
+    tiles = []
+    for image in images:
+        tile = Image.new("RGB", (width, height), "white")
+        tile.paste(image, ((width - image.width) // 2, (height - image.height) // 2))
+        tiles.append(tile)
     grid = make_image_grid(tiles, rows=2, cols=len(with_lora))
     path = config.output_dir / "validation_grid.png"
     save_image_atomic(grid, path)

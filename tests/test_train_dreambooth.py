@@ -382,8 +382,8 @@ def test_a_prompt_file_draws_each_line_with_its_own_options(tmp_path):
     out = tmp_path / "out"
     with Image.open(out / "validation" / "step-000001-0.png") as first, Image.open(out / "validation_grid.png") as grid:
         assert first.size == (32, 48)
-        assert grid.size == (64, 96)  # two columns in the first image's size, base row above LoRA row
-        base_tile = np.asarray(grid.convert("RGB").crop((0, 0, 32, 48)))
+        assert grid.size == (128, 128)  # two 64x64 tiles (the largest width and height), base row above LoRA row
+        base_tile = np.asarray(grid.convert("RGB").crop((16, 8, 16 + 32, 8 + 48)))  # centred, unscaled
     with Image.open(out / "validation" / "step-000001-1.png") as second:
         assert second.size == (64, 64)  # the training resolution where a line gives no size
 
