@@ -125,6 +125,18 @@ def _option(default: Any = MISSING, help: str = "", **metadata: Any) -> Any:
     return field(default=default, metadata={"help": help, **metadata})
 
 
+def square_resolution(text: str) -> int:
+    """A resolution as one number, or as kohya writes it, "width,height", when that is square."""
+    sizes = {size.strip() for size in text.split(",")}
+    if len(sizes) == 1 and text.count(",") <= 1 and (size := sizes.pop()).isdigit():
+        return int(size)
+    if text.count(",") == 1 and all(size.isdigit() for size in sizes):
+        raise argparse.ArgumentTypeError(
+            f"{text} is not square: give one size (the pixels to train at) and --buckets auto for other shapes"
+        )
+    raise argparse.ArgumentTypeError(f"{text!r} is not a size in pixels")
+
+
 @dataclass
 class TrainConfig:
     """All DreamBooth LoRA options; the `help` of each field is its `--help` text."""
@@ -167,7 +179,8 @@ class TrainConfig:
 
     # Images
     resolution: int | None = _option(
-        None, "training resolution in pixels, a multiple of 8 (default: the base model's native size)"
+        None, "training resolution in pixels, a multiple of 8 (default: the base model's native size); kohya's "
+        "square 512,512 works too", parse=square_resolution,
     )
     crop: str = _option("center", "how images are cropped to the resolution or bucket", choices=CROPS)
     random_flip: bool = _option(False, "flip images horizontally at random", aliases=("flip_aug",))
@@ -482,7 +495,8 @@ def build_parser() -> argparse.ArgumentParser:
         if kind is bool:
             parser.add_argument(*spellings, dest=option.name, action=argparse.BooleanOptionalAction, help=help_text)
         else:
-            parser.add_argument(*spellings, dest=option.name, type=kind, help=help_text,
+            parse = option.metadata.get("parse", kind)  # an option with its own reader names it
+            parser.add_argument(*spellings, dest=option.name, type=parse, help=help_text,
                                 choices=option.metadata.get("choices"),
                                 metavar=option.name.upper())  # fmt: skip
     for switch, (name, value, whose) in SWITCHES.items():
@@ -558,8 +572,15 @@ def read_config_file(path: Path) -> dict[str, Any]:
     unknown = sorted(set(values) - set(types))
     if unknown:
         raise _foreign_flag_error(unknown, f"{path}: ")
+    parsers = {option.name: option.metadata["parse"] for option in fields(TrainConfig) if "parse" in option.metadata}
     for name, value in values.items():
-        values[name] = _coerce(path, name, value, types[name], name in lists)
+        if name in parsers and isinstance(value, str):
+            try:
+                values[name] = parsers[name](value)
+            except argparse.ArgumentTypeError as error:
+                raise StudioError(f"{path}: {name} = {value!r}: {error}") from None
+        else:
+            values[name] = _coerce(path, name, value, types[name], name in lists)
     return values
 
 

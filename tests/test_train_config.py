@@ -277,3 +277,16 @@ def test_validation_comes_from_one_prompt_or_a_prompt_file_not_both():
     assert str(config.validation_prompts_file) == "prompts.txt" and config.validation_prompt is None
     with pytest.raises(StudioError, match=r"^--validation-prompt and --validation-prompts-file: give one of the two$"):
         parse_config(REQUIRED + ["--validation-prompt", "a dog", "--validation-prompts-file", "prompts.txt"])
+
+
+def test_a_square_resolution_may_be_written_as_kohya_writes_it(tmp_path):
+    assert parse_config(REQUIRED + ["--resolution=1024,1024"]).resolution == 1024
+    assert parse_config(REQUIRED + ["--resolution", "512"]).resolution == 512
+    with pytest.raises(StudioError, match=r"^argument --resolution: 768,512 is not square: give one size .*--buckets"):
+        parse_config(REQUIRED + ["--resolution", "768,512"])
+    toml = tmp_path / "run.toml"
+    toml.write_text('instance_dir = "imgs"\noutput_dir = "out"\nresolution = "640,640"\n')
+    assert parse_config(["--config", str(toml)]).resolution == 640
+    toml.write_text('instance_dir = "imgs"\noutput_dir = "out"\nresolution = "640,480"\n')
+    with pytest.raises(StudioError, match=r"run.toml: resolution = '640,480': 640,480 is not square"):
+        parse_config(["--config", str(toml)])
