@@ -91,10 +91,16 @@ def scan_images(
             records.append(ImageRecord(path=path, prompt=caption, size=size, repeats=repeats))
     if unreadable:
         logger.warning("%s: skipping unreadable image file(s): %s", folder, ", ".join(unreadable))
+    if KOHYA_CONCEPT_FOLDER.match(folder.name) and any(r.path.parent == folder for r in records):
+        logger.warning(
+            "%s: named like a kohya concept folder, but its own N repeats count only in its parent folder: "
+            "give that as the %s folder to use them", folder, what,
+        )  # fmt: skip
     if unprompted:
         raise StudioError(
             f"{folder}: {', '.join(unprompted[:3])}{' ...' if len(unprompted) > 3 else ''} ha"
-            f"{'s' if len(unprompted) == 1 else 've'} no {caption_extension} caption: give --{what}-prompt"
+            f"{'s' if len(unprompted) == 1 else 've'} no caption (no or an empty NAME{caption_extension}): "
+            f"give --{what}-prompt"
         )
     if required and not records:
         if unreadable:
@@ -135,8 +141,8 @@ class DreamBoothDataset(torch.utils.data.Dataset):
     """Instance (and class) images as model-ready tensors, one `Example` per item.
 
     An epoch shows every instance image `repeats` times its own repeats (its kohya folder's); with class images
-    it is as long as the longer of the two lists, as in diffusers' DreamBooth scripts. Call `set_epoch` before each epoch so random
-    crops and flips differ between epochs but not between a run and its resumption.
+    it is as long as the longer of the two lists, as in diffusers' DreamBooth scripts. Call `set_epoch` before
+    each epoch so random crops and flips differ between epochs but not between a run and its resumption.
     """
 
     def __init__(
@@ -278,11 +284,16 @@ def collate(items: list[dict]) -> dict:
 
 
 class BucketBatchSampler(torch.utils.data.Sampler):
-    """Shuffled batches whose examples share a bucket (so they stack), the same for a given (seed, epoch)."""
+    """Shuffled batches whose examples share a bucket (so they stack), the same for a given (seed, epoch).
+
+    A bucket's last batch may be short. The size is deliberately not called `batch_size`: accelerate's
+    multi-process sharding reads that attribute and then assumes full batches, dropping rounds that end in a
+    short one and topping up with loose examples that can mix buckets. Without it, accelerate deals out whole
+    batches and evens the processes out by repeating the first ones, `ceil(len / processes)` each."""
 
     def __init__(self, dataset: DreamBoothDataset, batch_size: int, seed: int):
         self.dataset = dataset
-        self.batch_size = batch_size
+        self.examples_per_batch = batch_size
         self.seed = seed
 
     def __iter__(self):
@@ -291,9 +302,9 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         for index in torch.randperm(len(self.dataset), generator=generator).tolist():
             by_bucket[self.dataset.examples[index].bucket].append(index)
         batches = [
-            indices[start : start + self.batch_size]
+            indices[start : start + self.examples_per_batch]
             for indices in by_bucket.values()
-            for start in range(0, len(indices), self.batch_size)
+            for start in range(0, len(indices), self.examples_per_batch)
         ]
         for order in torch.randperm(len(batches), generator=generator).tolist():
             yield batches[order]
@@ -302,7 +313,7 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         counts: dict[tuple[int, int], int] = defaultdict(int)
         for example in self.dataset.examples:
             counts[example.bucket] += 1
-        return sum(math.ceil(n / self.batch_size) for n in counts.values())
+        return sum(math.ceil(n / self.examples_per_batch) for n in counts.values())
 
 
 @torch.no_grad()

@@ -58,6 +58,10 @@ STEPS_OR_EPOCHS = {
     "checkpointing_steps": ("checkpointing_epochs", 500),
     "validation_steps": ("validation_epochs", 100),
 }
+# Pairs of options that say one thing two ways: at most one of each is given (a flag replaces a file's).
+EITHER_OR = [(steps, epochs) for steps, (epochs, _) in STEPS_OR_EPOCHS.items()] + [
+    ("validation_prompt", "validation_prompts_file")
+]
 
 # Switches of diffusers' (and kohya's) scripts that set an option here to one value: name -> (option, value, whose).
 SWITCHES = {
@@ -228,7 +232,8 @@ class TrainConfig:
     # Optimisation
     max_train_steps: int | None = _option(None, "optimizer steps to train (default: 400)")
     num_train_epochs: int | None = _option(
-        None, "or train this many epochs (passes over the instance images, each --repeats times)",
+        None, "or train this many epochs: an epoch shows each instance image --repeats times (times its kohya "
+        "folder's N), or, with prior preservation, each class image once if there are more of those (diffusers' count)",
         aliases=("max_train_epochs",),
     )
     train_batch_size: int = _option(1, "batch size per device")
@@ -339,23 +344,19 @@ class TrainConfig:
         if self.text_encoder_lr is None:  # Prodigy's rate is a multiplier of the step size it estimates, ~1.0 for all
             self.text_encoder_lr = self.learning_rate if self.optimizer == "prodigy" else DEFAULT_TEXT_ENCODER_LR
         if self.output_name is not None:
-            self.output_name = self.output_name.removesuffix(".safetensors")
+            if self.output_name.lower().endswith(".safetensors"):
+                self.output_name = self.output_name[: -len(".safetensors")]
             self.export_kohya = True
 
         if self.instance_prompt is not None and not self.instance_prompt.strip():
             raise StudioError("--instance-prompt is empty")
-        if self.validation_prompt is not None and self.validation_prompts_file is not None:
-            raise StudioError("--validation-prompt and --validation-prompts-file: give one of the two")
         if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
             raise StudioError(f"--resolution {self.resolution}: must be a positive multiple of 8")
         if self.rank <= 0:
             raise StudioError(f"--rank {self.rank}: must be at least 1")
-        for steps_name, (epochs_name, default_steps) in STEPS_OR_EPOCHS.items():
-            steps, epochs = getattr(self, steps_name), getattr(self, epochs_name)
-            if steps is not None and epochs is not None:
-                raise StudioError(f"--{_flag(steps_name)} and --{_flag(epochs_name)}: give one of the two")
-            if epochs is None and steps is None:
-                setattr(self, steps_name, default_steps)
+        for first, second in EITHER_OR:
+            if getattr(self, first) is not None and getattr(self, second) is not None:
+                raise StudioError(f"--{_flag(first)} and --{_flag(second)}: give one of the two")
         for name in ("max_train_steps", "num_train_epochs", "train_batch_size", "gradient_accumulation_steps",
                      "repeats", "checkpointing_steps", "checkpointing_epochs", "validation_steps", "validation_epochs",
                      "num_validation_images", "inference_steps", "sample_batch_size"):  # fmt: skip
@@ -470,6 +471,25 @@ class _Parser(argparse.ArgumentParser):
         raise StudioError(f"{message} (see --help)")
 
 
+class _Switch(argparse.BooleanOptionalAction):
+    """`--flag`, `--no-flag`, and `--flag=true|false`: diffusers declares some switches `type=bool`
+    (`--prodigy_safeguard_warmup=True` in its docs)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.nargs, self.metavar = "?", "true|false"
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if values is None:
+            super().__call__(parser, namespace, values, option_string)
+        elif option_string.startswith("--no-"):
+            parser.error(f"argument {option_string}: takes no value")
+        elif values.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            parser.error(f"argument {option_string}: expected true or false, not {values!r}")
+        else:
+            setattr(namespace, self.dest, values.lower() in ("true", "1", "yes"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line, generated from the dataclass so flags, defaults and help cannot drift apart."""
     parser = _Parser(
@@ -493,7 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
             help_text += " (required)"
         kind = _field_type(option.type)
         if kind is bool:
-            parser.add_argument(*spellings, dest=option.name, action=argparse.BooleanOptionalAction, help=help_text)
+            parser.add_argument(*spellings, dest=option.name, action=_Switch, help=help_text)
         else:
             parse = option.metadata.get("parse", kind)  # an option with its own reader names it
             parser.add_argument(*spellings, dest=option.name, type=parse, help=help_text,
@@ -614,10 +634,10 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     given = vars(arguments)
     config_file = given.pop("config", None)
     values = read_config_file(config_file) if config_file is not None else {}
-    for steps_name, (epochs_name, _) in STEPS_OR_EPOCHS.items():  # a length typed replaces the file's, in either unit
-        if steps_name in given or epochs_name in given:
-            values.pop(steps_name, None)
-            values.pop(epochs_name, None)
+    for pair in EITHER_OR:  # e.g. a length typed replaces the file's, in either unit
+        if any(name in given for name in pair):
+            for name in pair:
+                values.pop(name, None)
     values.update(given)
     missing = [f"--{_flag(o.name)}" for o in fields(TrainConfig) if _required(o) and o.name not in values]
     if missing:

@@ -532,9 +532,9 @@ def plan_steps(config: TrainConfig, batches_per_epoch: int, num_processes: int) 
     end even when its last accumulation is incomplete."""
     per_epoch = math.ceil(math.ceil(batches_per_epoch / num_processes) / config.gradient_accumulation_steps)
     steps = {}
-    for steps_name, (epochs_name, _) in STEPS_OR_EPOCHS.items():
-        epochs = getattr(config, epochs_name)
-        steps[steps_name] = getattr(config, steps_name) if epochs is None else epochs * per_epoch
+    for steps_name, (epochs_name, default_steps) in STEPS_OR_EPOCHS.items():
+        given_steps, epochs = getattr(config, steps_name), getattr(config, epochs_name)
+        steps[steps_name] = epochs * per_epoch if epochs is not None else given_steps or default_steps
     return StepPlan(per_epoch, steps["max_train_steps"], steps["checkpointing_steps"], steps["validation_steps"])
 
 
@@ -903,10 +903,10 @@ def lora_metadata(
     each image folder's name, as kohya does: what civitai and A1111 show as the training tags. Without an
     instance prompt, the kohya-style folders' prompts are the trigger words."""
     v_prediction = base.pipeline.scheduler.config.get("prediction_type") == "v_prediction"
-    concepts = ", ".join(dict.fromkeys(prompt for _, prompt, _ in concept_folders(config.instance_dir)))
     by_folder: dict[str, list[ImageRecord]] = {}
     for image in images:
         by_folder.setdefault(image.path.parent.name, []).append(image)
+    concepts = ", ".join(dict.fromkeys(p for f, p, _ in concept_folders(config.instance_dir) if f.name in by_folder))
     return {
         "studio.base_model": base.source,
         "studio.family": base.family,

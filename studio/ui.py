@@ -29,6 +29,7 @@ from PIL import Image
 from studio import lora_io
 from studio.a1111 import format_number, split_lora_tags
 from studio.adapters import UNET_BLOCKS, AdapterInfo, Blend, Studio, Weight
+from studio.data import scan_images
 from studio.errors import StudioError
 from studio.generate import base_source, default_size, image_metadata
 from studio.grid import labelled_grid
@@ -358,11 +359,16 @@ class StudioApp:
                 args += [flag, ",".join(value)]
             elif value is not None and value is not False and value != "":
                 args += [flag, str(value)]
-        parse_config(args)  # every option error is reported now, not by a failed process later
+        config = parse_config(args)  # every option error is reported now, not by a failed process later
         if uploads:
             images.mkdir(parents=True)
             for upload in uploads:
                 shutil.copyfile(upload, images / (safe_name(upload.stem) + upload.suffix.lower()))
+        try:  # and every image without a prompt
+            scan_images(images, config.instance_prompt, caption_extension=config.caption_extension)
+        except StudioError:
+            shutil.rmtree(run, ignore_errors=True)
+            raise
         self.training.start(name, output, args)
         return f"Started training **{name}**: loading the base model..."
 
@@ -744,7 +750,7 @@ def _train_tab(app: StudioApp, library_version: gr.Number, train_tab: gr.Tab) ->
                 )  # fmt: skip
                 refresh = gr.Button("refresh", size="sm", scale=0, min_width=60)
             instance_prompt = gr.Textbox(
-                label="Instance prompt",
+                label="Instance prompt (optional when every image has a NAME.txt caption)",
                 placeholder='a rare word + the class, e.g. "a sks shape"',
                 elem_id="train-prompt",
             )

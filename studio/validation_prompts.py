@@ -65,7 +65,7 @@ def read_prompt_file(path: Path, seed: int) -> list[ValidationImage]:
         raise StudioError(f"{path}: the prompt file is not UTF-8 text") from None
     images = []
     for number, line in enumerate(lines, start=1):
-        if line.strip() and not line.startswith("#"):
+        if line.strip() and not line.strip().startswith("#"):
             images.append(_parse_line(line.strip(), f"{path} line {number}", seed + len(images)))
     if not images:
         raise StudioError(f"{path}: the prompt file holds no prompt")

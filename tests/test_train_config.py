@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import fields
+from dataclasses import fields, replace
 
 import pytest
 
@@ -135,9 +135,10 @@ def test_config_file_keys_of_other_scripts_get_the_same_hint(tmp_path):
 
 
 def test_lengths_are_given_in_steps_or_in_epochs_not_both(tmp_path):
-    steps = parse_config(REQUIRED)
-    assert (steps.max_train_steps, steps.checkpointing_steps, steps.validation_steps) == (400, 500, 100)
-    assert steps.num_train_epochs is steps.checkpointing_epochs is steps.validation_epochs is None
+    neither = parse_config(REQUIRED)  # the trainer's defaults apply (tests/test_train_dreambooth.py: plan_steps)
+    assert neither.max_train_steps is neither.checkpointing_steps is neither.validation_steps is None
+    assert neither.num_train_epochs is neither.checkpointing_epochs is neither.validation_epochs is None
+    assert replace(neither, num_train_epochs=3).num_train_epochs == 3  # a default does not count as given
     epochs = parse_config(REQUIRED + ["--num_train_epochs", "10", "--save_every_n_epochs", "2", "--validation-epochs",
                                       "5"])  # fmt: skip
     assert (epochs.num_train_epochs, epochs.checkpointing_epochs, epochs.validation_epochs) == (10, 2, 5)
@@ -253,6 +254,7 @@ def test_kohya_and_diffusers_names_for_the_same_options():
     assert (config.report_to, config.validation_steps, config.crop) == ("tensorboard", 50, "random")
     assert config.train_text_encoder is False and config.dropout == 0.1 and config.dora is True
     assert config.output_name == "mylora" and config.export_kohya is True  # naming the kohya copy asks for it
+    assert parse_config(REQUIRED + ["--output-name", "Mine.SafeTensors"]).output_name == "Mine"
     assert config.adam_weight_decay_text_encoder == 1e-3
     assert parse_config(REQUIRED + ["--output_kohya_format"]).export_kohya is True
 
@@ -272,11 +274,24 @@ def test_output_name_is_a_plain_file_name(name):
         parse_config(REQUIRED + ["--output-name", name])
 
 
-def test_validation_comes_from_one_prompt_or_a_prompt_file_not_both():
+def test_validation_comes_from_one_prompt_or_a_prompt_file_not_both(tmp_path):
     config = parse_config(REQUIRED + ["--sample_prompts", "prompts.txt"])  # kohya's name
     assert str(config.validation_prompts_file) == "prompts.txt" and config.validation_prompt is None
     with pytest.raises(StudioError, match=r"^--validation-prompt and --validation-prompts-file: give one of the two$"):
         parse_config(REQUIRED + ["--validation-prompt", "a dog", "--validation-prompts-file", "prompts.txt"])
+    toml = tmp_path / "run.toml"
+    toml.write_text('instance_dir = "imgs"\noutput_dir = "out"\nvalidation_prompt = "a dog"\n')
+    config = parse_config(["--config", str(toml), "--sample_prompts", "prompts.txt"])  # the flag replaces the file's
+    assert (config.validation_prompt, str(config.validation_prompts_file)) == (None, "prompts.txt")
+
+
+def test_switches_also_take_true_or_false_as_diffusers_docs_write_them():
+    config = parse_config(REQUIRED + ["--prodigy_safeguard_warmup=False", "--prodigy_use_bias_correction", "false",
+                                      "--train_text_encoder=True", "--no-prodigy-decouple", "--rank", "8"])  # fmt: skip
+    assert (config.prodigy_safeguard_warmup, config.prodigy_use_bias_correction) == (False, False)
+    assert (config.train_text_encoder, config.prodigy_decouple, config.rank) == (True, False, 8)
+    with pytest.raises(StudioError, match=r"^argument --dora: expected true or false, not 'maybe' \(see --help\)$"):
+        parse_config(REQUIRED + ["--dora=maybe"])
 
 
 def test_a_square_resolution_may_be_written_as_kohya_writes_it(tmp_path):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import numpy as np
 import pytest
 import torch
+from accelerate.data_loader import BatchSamplerShard
 from PIL import Image
 
 from studio.data import (
@@ -82,7 +84,8 @@ def test_an_image_with_no_prompt_at_all_is_named(tmp_path):
     for name in ("a", "b"):
         gradient_image(tmp_path / f"{name}.png", 16, 16)
     (tmp_path / "a.txt").write_text("a caption")
-    with pytest.raises(StudioError, match=r": b.png has no .txt caption: give --instance-prompt$"):
+    (tmp_path / "b.txt").write_text("  \n")
+    with pytest.raises(StudioError, match=r": b.png has no caption \(no or an empty NAME.txt\): give --instance-prompt$"):
         scan_images(tmp_path, None)
 
 
@@ -155,6 +158,21 @@ def test_batches_share_a_bucket_and_every_example_comes_once_per_epoch(tmp_path)
     assert list(sampler) == batches  # same seed and epoch, same order
     dataset.set_epoch(1)
     assert list(sampler) != batches
+
+
+@pytest.mark.parametrize("processes", [2, 3])
+def test_accelerate_deals_whole_bucket_batches_to_each_process(tmp_path, processes):
+    """What `accelerator.prepare` makes of the sampler on several processes: each gets ceil(len / processes)
+    batches (the trainer counts an epoch's steps so), none mixing buckets, and together they see every example."""
+    for i, size in enumerate([(48, 96), (96, 48), (64, 64), (48, 96), (96, 48)]):
+        gradient_image(tmp_path / f"{i}.png", *size)
+    dataset = DreamBoothDataset(scan_images(tmp_path, "x"), None, bucket_sizes(64, "auto", None, 16))
+    sampler = BucketBatchSampler(dataset, batch_size=2, seed=0)
+    assert len(sampler) == 3  # two buckets of two and one of one: a short batch
+    shards = [list(BatchSamplerShard(sampler, processes, rank)) for rank in range(processes)]
+    assert [len(shard) for shard in shards] == [math.ceil(3 / processes)] * processes
+    assert all(len({dataset.examples[i].bucket for i in batch}) == 1 for shard in shards for batch in shard)
+    assert {i for shard in shards for batch in shard for i in batch} == set(range(5))
 
 
 def test_prior_preservation_pairs_each_instance_with_a_class_image_in_the_same_bucket(tmp_path):
@@ -235,3 +253,11 @@ def test_caption_dropout_without_class_images_empties_instance_prompts(tmp_path)
     prompts = [dataset[i]["instance"]["prompt"] for i in range(len(dataset))]
     assert set(prompts) == {"sks", ""}
     assert 60 <= prompts.count("") <= 140
+
+
+def test_a_kohya_concept_folder_given_itself_warns_that_its_repeats_are_unused(tmp_path, caplog):
+    concept = tmp_path / "10_sks dog"
+    concept.mkdir()
+    gradient_image(concept / "a.png", 16, 16)
+    assert [r.repeats for r in scan_images(concept, "sks dog")] == [1]
+    assert "named like a kohya concept folder" in caplog.text

@@ -35,11 +35,13 @@ from studio.train_config import TrainConfig
 from studio.train_dreambooth import (
     LORA_FILE,
     RUN_FILE,
+    StepPlan,
     build_optimizer,
     check_output_dir,
     denoising_target,
     diffusion_loss,
     main,
+    plan_steps,
     train,
 )
 
@@ -438,6 +440,18 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
         assert torch.equal(again[key], uninterrupted[key]), key
 
 
+def test_steps_of_an_epoch_count_each_processs_batches_and_accumulation():
+    def plan(processes=1, **lengths):
+        return plan_steps(options(Path("."), **{"max_train_steps": None, **lengths}), 10, processes)
+
+    assert plan() == StepPlan(steps_per_epoch=10, total=400, checkpoint_every=500, validate_every=100)  # defaults
+    # 10 batches on 3 processes: 4 each (accelerate repeats two to even them out); accumulating 3: 2 steps.
+    assert plan(3, num_train_epochs=5, gradient_accumulation_steps=3, checkpointing_epochs=2) == StepPlan(
+        steps_per_epoch=2, total=10, checkpoint_every=4, validate_every=100
+    )  # fmt: skip
+    assert plan(2, max_train_steps=7, validation_epochs=1) == StepPlan(5, 7, 500, 5)
+
+
 def test_epoch_counted_lengths_become_optimizer_steps(tmp_path):
     """4 images x 2 repeats at batch 2 are 4 batches an epoch; accumulating 3 makes that 2 optimizer steps (the
     epoch's last, incomplete accumulation still steps). So 3 epochs are 6 steps; a checkpoint every epoch is
@@ -470,6 +484,7 @@ def test_epoch_counted_lengths_become_optimizer_steps(tmp_path):
 
 def test_a_kohya_dataset_folder_trains_without_an_instance_prompt(tmp_path, capsys):
     draw_images(tmp_path / "data" / "2_sks shape", [(64, 64), (64, 64)])
+    (tmp_path / "data" / "5_nothing here").mkdir()  # no images: neither trained nor a trigger word
     out = tmp_path / "out"
     code = main(["--base", "tiny-sd", "--train_data_dir", str(tmp_path / "data"), "--output_dir", str(out),
                  "--max_train_epochs", "1", "--report-to", "none"])  # fmt: skip

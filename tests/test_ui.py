@@ -318,6 +318,23 @@ def test_training_from_the_ui_loads_a_single_file_base_as_the_app_did(tmp_path, 
     assert train_main(args) == 0  # what the process would run, in this one
 
 
+def test_training_without_a_prompt_needs_a_caption_for_every_image(tmp_path, monkeypatch):
+    app = StudioApp(Studio.from_base("tiny-sd", device="cpu"),
+                    UIOptions(lora_dir=tmp_path / "l", out_dir=tmp_path / "o", render_previews=False))  # fmt: skip
+    started = []
+    monkeypatch.setattr(app.training, "start", lambda name, output, args: started.append(args))
+    uploads = [tmp_path / "star.png", tmp_path / "moon.png"]
+    for path in uploads:
+        Image.new("RGB", (64, 64), "purple").save(path)
+    (tmp_path / "star.txt").write_text("a sks star")
+    with pytest.raises(StudioError, match=r": moon.png has no caption .*give --instance-prompt$"):
+        app.start_training("star", [str(p) for p in [*uploads, tmp_path / "star.txt"]], None, {"max_train_steps": 1})
+    assert not started and not list((tmp_path / "o" / "train").iterdir())  # nothing started, no run folder left
+    (tmp_path / "moon.txt").write_text("a sks moon")
+    app.start_training("star", [str(p) for p in tmp_path.glob("*.*")], None, {"max_train_steps": 1})
+    assert len(started) == 1 and "--instance-prompt" not in started[0]
+
+
 def test_app_refuses_a_malformed_auth(tmp_path, capsys):
     assert app_cli.main(["--base", "tiny-sd", "--auth", "nopassword", "--lora-dir", str(tmp_path / "l")]) == 2
     assert "USER:PASSWORD" in capsys.readouterr().err

@@ -20,7 +20,7 @@ def test_one_prompt_makes_count_images_at_consecutive_seeds():
 def test_a_prompt_file_line_carries_kohyas_options(tmp_path, caplog):
     path = tmp_path / "prompts.txt"
     path.write_text(
-        "# comments and blank lines are skipped\n\n"
+        "# comments and blank lines are skipped\n\n  # indented too\n"
         "a sks dog on a beach --n blurry, lowres --w 512 --H 768 --s 28 --l 7.5 --d 42\n"
         "a sks dog --ss euler_a --s 10\n"
         "a cat\n"
@@ -32,7 +32,7 @@ def test_a_prompt_file_line_carries_kohyas_options(tmp_path, caplog):
         ValidationImage("a sks dog", 101, steps=10),  # no --d: the seed counts on from --seed
         ValidationImage("a cat", 102),
     ]
-    assert "prompts.txt line 4: ignoring --ss euler_a" in caplog.text
+    assert "prompts.txt line 5: ignoring --ss euler_a" in caplog.text
 
 
 @pytest.mark.parametrize(
