@@ -750,7 +750,7 @@ def _train_tab(app: StudioApp, library_version: gr.Number, train_tab: gr.Tab) ->
                 )  # fmt: skip
                 refresh = gr.Button("refresh", size="sm", scale=0, min_width=60)
             instance_prompt = gr.Textbox(
-                label="Instance prompt (optional when every image has a NAME.txt caption)",
+                label="Instance prompt (optional if every image has a caption)",
                 placeholder='a rare word + the class, e.g. "a sks shape"',
                 elem_id="train-prompt",
             )
