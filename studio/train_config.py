@@ -92,16 +92,16 @@ _HINTS = [
     (("allow_tf32",), "use --mixed-precision bf16 or fp16: the frozen weights then run in half precision, faster "
      "than TF32"),
     (("scale_lr",), "give the scaled rate itself as --learning-rate"),
-    (("unet_lr",), "use --learning-rate (the UNet's rate here; --text-encoder-lr is the text encoders')"),
+    (("unet_lr",), "use --learning-rate (the UNet's rate here, --text-encoder-lr the text encoders')"),
     (("optimizer_args",), "use --adam-beta1/2, --adam-weight-decay, --adam-epsilon and the --prodigy-* options"),
-    (("network_module",), "not needed: this trainer always trains LoRA (peft); see --dora and --init for variants"),
-    (("network_args",), "add conv1,conv2 to --unet-targets for LoCon-style conv layers; --dora for DoRA"),
+    (("network_module",), "not needed: this trainer always trains LoRA (peft), with --dora and --init for variants"),
+    (("network_args",), "add conv1,conv2 to --unet-targets for LoCon-style conv layers, or use --dora for DoRA"),
     (("dataset_config", "in_json", "dataset_name", "image_column", "caption_column"),
      "use --instance-dir (a folder of images, NAME.txt captions beside them, or kohya's N_PROMPT subfolders)"),
     (("reg_data_dir",), "use --with-prior-preservation with --class-dir and --class-prompt"),
     (("min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale"),
-     "--buckets auto makes aspect-ratio buckets of about --resolution squared pixels, sides in steps of 64; "
-     "or list them: --buckets '768,512;512,768'"),
+     "--buckets auto makes aspect-ratio buckets of about --resolution squared pixels, sides in steps of 64 "
+     "(or list them: --buckets '768,512;512,768')"),
     (("save_state", "save_state_on_train_end"), "not needed: every checkpoint can be resumed (--checkpointing-steps)"),
     (("save_last_n_steps", "save_last_n_epochs", "save_last_n_steps_state", "save_last_n_epochs_state"),
      "use --checkpoints-total-limit"),
@@ -114,8 +114,8 @@ _HINTS = [
     (("max_token_length",), "prompts are encoded to the text encoder's 77 tokens"),
     (("zero_terminal_snr", "multires_noise_iterations", "multires_noise_discount", "ip_noise_gamma",
       "adaptive_noise_scale", "noise_offset_random_strength"),
-     "not available; --noise-offset and --snr-gamma are"),
-    (("color_aug", "face_crop_aug_range"), "not available; --random-flip and --crop random are"),
+     "not available (--noise-offset and --snr-gamma are)"),
+    (("color_aug", "face_crop_aug_range"), "not available (--random-flip and --crop random are)"),
     (("lowram", "highvram", "persistent_data_loader_workers"), "not needed here"),
 ]  # fmt: skip
 FOREIGN_FLAG_HINTS = {flag: hint for flags, hint in _HINTS for flag in flags}
@@ -531,13 +531,20 @@ def _aliases() -> dict[str, str]:
 
 
 def _foreign_flag_error(names: list[str], where: str) -> StudioError:
-    """The error for flags or config keys this trainer does not take; a known one of another script's gets its
-    hint. `where` starts the message: "" for the command line, "FILE: " for a config file."""
+    """The one-line error for flags or config keys this trainer does not take: each of another script's with
+    its hint, so a pasted command is fixed in one go, then any unknown ones. `where` starts the message: "" for
+    the command line, "FILE: " for a config file."""
+    hints, unknown, after_hint = [], [], False
     for name in names:
         key = name.lstrip("-").partition("=")[0].replace("-", "_")
         if key in FOREIGN_FLAG_HINTS:
-            return StudioError(f"{where}{key if where else '--' + _flag(key)}: {FOREIGN_FLAG_HINTS[key]}")
-    return StudioError(f"{where}unknown option(s) {(', ' if where else ' ').join(names)} (see --help)")
+            hints.append(f"{key if where else '--' + _flag(key)}: {FOREIGN_FLAG_HINTS[key]}")
+        elif not (after_hint and not name.startswith("-")):  # a hinted flag's value is not an unknown option
+            unknown.append(name)
+        after_hint = key in FOREIGN_FLAG_HINTS
+    if unknown:
+        hints.append(f"unknown option(s) {(', ' if where else ' ').join(unknown)} (see --help)")
+    return StudioError(where + "; ".join(hints))
 
 
 def _required(option) -> bool:

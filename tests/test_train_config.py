@@ -127,6 +127,18 @@ def test_flags_of_other_scripts_without_an_equivalent_say_what_to_use(flags, mes
         parse_config(REQUIRED + flags)
 
 
+def test_a_pasted_command_learns_every_flag_to_change_in_one_line():
+    kohya = ["--network_module=networks.lora", "--xformers", "--unet_lr", "1e-4", "--save_model_as=safetensors",
+             "--network_dim=8", "--frobnicate", "3"]  # fmt: skip
+    with pytest.raises(StudioError) as raised:
+        parse_config(REQUIRED + kohya)
+    message = str(raised.value)
+    assert "\n" not in message
+    assert [part.split(":")[0] for part in message.split("; ")] == [
+        "--network-module", "--xformers", "--unet-lr", "--save-model-as", "unknown option(s) --frobnicate 3 (see --help)"
+    ]  # fmt: skip
+
+
 def test_config_file_keys_of_other_scripts_get_the_same_hint(tmp_path):
     yaml = tmp_path / "run.yaml"
     yaml.write_text("instance_dir: imgs\ninstance_prompt: x\noutput_dir: out\nhub_model_id: me/lora\n")
