@@ -135,7 +135,8 @@ def test_a_pasted_command_learns_every_flag_to_change_in_one_line():
     message = str(raised.value)
     assert "\n" not in message
     assert [part.split(":")[0] for part in message.split("; ")] == [
-        "--network-module", "--xformers", "--unet-lr", "--save-model-as", "unknown option(s) --frobnicate 3 (see --help)"
+        "--network-module", "--xformers", "--unet-lr", "--save-model-as",
+        "unknown option(s) --frobnicate 3 (see --help)",
     ]  # fmt: skip
 
 
