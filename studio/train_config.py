@@ -313,8 +313,9 @@ class TrainConfig:
         "auto", "tracker for losses and images (auto: tensorboard when installed)", choices=REPORT_TO,
         aliases=("log_with",),
     )
-    export_kohya: bool = _option(
-        False, "also write a kohya-named copy (A1111 / ComfyUI)", aliases=("output_kohya_format",)
+    export_kohya: bool | None = _option(
+        None, "also write a kohya-named copy (A1111 / ComfyUI) (default: with --output-name only)",
+        aliases=("output_kohya_format",),
     )
     output_name: str | None = _option(
         None, "file name of the kohya-named copy, NAME.safetensors (kohya's --output_name; implies --export-kohya; "
@@ -344,9 +345,11 @@ class TrainConfig:
         if self.text_encoder_lr is None:  # Prodigy's rate is a multiplier of the step size it estimates, ~1.0 for all
             self.text_encoder_lr = self.learning_rate if self.optimizer == "prodigy" else DEFAULT_TEXT_ENCODER_LR
         if self.output_name is not None:
+            if self.export_kohya is False:
+                raise StudioError("--output-name names the kohya copy: it cannot go with --no-export-kohya")
             if self.output_name.lower().endswith(".safetensors"):
                 self.output_name = self.output_name[: -len(".safetensors")]
-            self.export_kohya = True
+        self.export_kohya = bool(self.export_kohya or self.output_name is not None)
 
         if self.instance_prompt is not None and not self.instance_prompt.strip():
             raise StudioError("--instance-prompt is empty")

@@ -268,6 +268,9 @@ def test_kohya_and_diffusers_names_for_the_same_options():
     assert config.train_text_encoder is False and config.dropout == 0.1 and config.dora is True
     assert config.output_name == "mylora" and config.export_kohya is True  # naming the kohya copy asks for it
     assert parse_config(REQUIRED + ["--output-name", "Mine.SafeTensors"]).output_name == "Mine"
+    assert parse_config(REQUIRED).export_kohya is False
+    with pytest.raises(StudioError, match=r"^--output-name names the kohya copy: it cannot go with --no-export-kohya$"):
+        parse_config(REQUIRED + ["--output-name", "mine", "--no-export-kohya"])
     assert config.adam_weight_decay_text_encoder == 1e-3
     assert parse_config(REQUIRED + ["--output_kohya_format"]).export_kohya is True
 
