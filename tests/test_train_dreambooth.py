@@ -521,22 +521,29 @@ def test_ema_saves_the_moving_average_of_the_weights_after_each_step(tmp_path):
     assert any(not torch.allclose(saved[k], per_step[-1][k]) for k in saved)  # the average is not the last step
 
 
+SQUARES = [(64, 64), (64, 64)]
+
+
 @pytest.mark.parametrize(
-    "base, extra",
+    "base, sizes, extra",
     [
-        ("tiny-sd", ["--num-train-epochs", "1", "--repeats", "2"]),
-        ("tiny-sd", ["--max-train-steps", "2", "--clip-skip", "2", "--train-text-encoder", "--text-encoder-lr", "1e-3"]),
-        ("tiny-sdxl", ["--max-train-steps", "2", "--train-text-encoder", "--text-encoder-lr", "1e-3",
-                       "--resolution", "32"]),
+        ("tiny-sd", SQUARES, ["--num-train-epochs", "1", "--repeats", "2"]),
+        ("tiny-sd", [(96, 64), (96, 64), (64, 96)], ["--num-train-epochs", "2", "--train-batch-size", "2",
+                                                      "--buckets", "auto"]),
+        ("tiny-sd", SQUARES, ["--max-train-steps", "2", "--clip-skip", "2", "--train-text-encoder",
+                              "--text-encoder-lr", "1e-3"]),
+        ("tiny-sdxl", SQUARES, ["--max-train-steps", "2", "--train-text-encoder", "--text-encoder-lr", "1e-3",
+                                "--resolution", "32"]),
     ],
-    ids=["sd-one-epoch", "sd-clip-skip-2-text-encoder", "sdxl-text-encoders"],
+    ids=["sd-one-epoch", "sd-buckets-two-epochs", "sd-clip-skip-2-text-encoder", "sdxl-text-encoders"],
 )  # fmt: skip
-def test_two_process_torchrun_completes_and_writes_one_output(tmp_path, base, extra):
+def test_two_process_torchrun_completes_and_writes_one_output(tmp_path, base, sizes, extra):
     """Text-encoder layers whose output never reaches the UNet (the last at clip skip 2; SDXL's first encoder's
     last, as SDXL conditions on the penultimate layer) get no LoRA: DDP would stop on their missing
     gradients, and the file would carry zeros. Every LoRA written must have learned. Each run is 2 steps: one
-    epoch of 2 images x 2 repeats is 2 batches for each of the 2 processes."""
-    draw_images(tmp_path / "images", [(64, 64), (64, 64)])
+    epoch of 2 images x 2 repeats is 2 batches for each of the 2 processes; two landscape images and a portrait
+    one at batch 2 are a full batch and a short one, one for each process, so 2 epochs are 2 steps."""
+    draw_images(tmp_path / "images", sizes)
     out = tmp_path / "out"
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
