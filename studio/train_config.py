@@ -95,7 +95,8 @@ _HINTS = [
     (("unet_lr",), "use --learning-rate (the UNet's rate here, --text-encoder-lr the text encoders')"),
     (("optimizer_args",), "use --adam-beta1/2, --adam-weight-decay, --adam-epsilon and the --prodigy-* options"),
     (("network_module",), "not needed: this trainer always trains LoRA (peft), with --dora and --init for variants"),
-    (("network_args",), "add conv1,conv2 to --unet-targets for LoCon-style conv layers, or use --dora for DoRA"),
+    (("network_args",), "add conv1,conv2 to --unet-targets for LoCon-style conv layers (their rank: --conv-rank, "
+     "--conv-alpha), or use --dora for DoRA"),
     (("dataset_config", "in_json", "dataset_name", "image_column", "caption_column"),
      "use --instance-dir (a folder of images, NAME.txt captions beside them, or kohya's N_PROMPT subfolders)"),
     (("reg_data_dir",), "use --with-prior-preservation with --class-dir and --class-prompt"),
@@ -207,6 +208,13 @@ class TrainConfig:
     # LoRA
     rank: int = _option(4, "LoRA rank", aliases=("network_dim",))
     alpha: float | None = _option(None, "LoRA alpha (default: the rank, i.e. scale 1)", aliases=("network_alpha",))
+    conv_rank: int | None = _option(
+        None, "rank of the 3x3 convolutions among the targets (conv1, conv2; kohya's conv_dim) (default: --rank)",
+        aliases=("conv_dim",),
+    )
+    conv_alpha: float | None = _option(
+        None, "their alpha (kohya's conv_alpha) (default: the scale of --alpha / --rank)"
+    )
     dropout: float = _option(0.0, "LoRA dropout", aliases=("network_dropout", "lora_dropout"))
     init: str = _option("default", "LoRA initialisation (pissa/olora are saved converted to plain LoRA)", choices=INITS)
     init_from: Path | None = _option(
@@ -357,6 +365,12 @@ class TrainConfig:
             raise StudioError(f"--resolution {self.resolution}: must be a positive multiple of 8")
         if self.rank <= 0:
             raise StudioError(f"--rank {self.rank}: must be at least 1")
+        if self.conv_rank is not None and self.conv_rank <= 0:
+            raise StudioError(f"--conv-rank {self.conv_rank}: must be at least 1")
+        if self.conv_alpha is not None and self.conv_rank is None:
+            raise StudioError("--conv-alpha goes with --conv-rank")
+        if self.conv_rank is not None and self.conv_alpha is None:
+            self.conv_alpha = self.alpha * self.conv_rank / self.rank
         for first, second in EITHER_OR:
             if getattr(self, first) is not None and getattr(self, second) is not None:
                 raise StudioError(f"--{_flag(first)} and --{_flag(second)}: give one of the two")
@@ -397,6 +411,8 @@ class TrainConfig:
             raise StudioError(f"--dora cannot be combined with --init {self.init}")
         if self.init_from is not None and self.init in ("pissa", "olora"):
             raise StudioError(f"--init-from cannot be combined with --init {self.init} (it changes the base weights)")
+        if self.init_from is not None and self.conv_rank is not None:
+            raise StudioError("--init-from cannot be combined with --conv-rank: the file's ranks decide")
         _check_targets("unet-targets", self.unet_targets, UNET_TARGETS)
         _check_targets("text-encoder-targets", self.text_encoder_targets, TEXT_ENCODER_TARGETS)
         if self.buckets is not None and self.buckets != "auto":

@@ -183,7 +183,7 @@ def train(config: TrainConfig, base: BaseModel | None = None) -> TrainResult:
         trained.update(zip(("text_encoder", "text_encoder_2"), text_encoders))
     for name, module in trained.items():
         if name == "unet":
-            add_lora(module, name, lora_config(config, config.unet_targets))
+            add_lora(module, name, lora_config(config, config.unet_targets, conv_modules=convolutions(module, config)))
         else:
             layers = conditioning_layers(name, module, base.family, config.clip_skip)
             add_lora(module, name, lora_config(config, config.text_encoder_targets, layers))
@@ -619,8 +619,11 @@ def complete_class_images(
     return existing[: config.num_class_images]
 
 
-def lora_config(config: TrainConfig, targets: list[str], layers: list[int] | None = None) -> LoraConfig:
-    """peft's config for one model; `layers` limits a text encoder's LoRA to those transformer layers."""
+def lora_config(
+    config: TrainConfig, targets: list[str], layers: list[int] | None = None, conv_modules: list[str] = ()
+) -> LoraConfig:
+    """peft's config for one model; `layers` limits a text encoder's LoRA to those transformer layers, and
+    `conv_modules` (full names) get `--conv-rank` and `--conv-alpha` through peft's rank and alpha patterns."""
     return LoraConfig(
         r=config.rank,
         lora_alpha=config.alpha,
@@ -631,7 +634,20 @@ def lora_config(config: TrainConfig, targets: list[str], layers: list[int] | Non
         layers_pattern="layers" if layers is not None else None,
         use_rslora=config.rslora,
         use_dora=config.dora,
+        rank_pattern={name: config.conv_rank for name in conv_modules},
+        alpha_pattern={name: config.conv_alpha for name in conv_modules},
     )
+
+
+def convolutions(unet: torch.nn.Module, config: TrainConfig) -> list[str]:
+    """The targeted 3x3 convolutions, which `--conv-rank` sizes (kohya's conv_dim; 1x1 ones count as linear)."""
+    if config.conv_rank is None:
+        return []
+    return [
+        name for name, module in unet.named_modules()
+        if isinstance(module, torch.nn.Conv2d) and module.kernel_size != (1, 1)
+        and any(names_module(target, name) for target in config.unet_targets)
+    ]  # fmt: skip
 
 
 def conditioning_layers(name: str, text_encoder: torch.nn.Module, family: str, clip_skip: int) -> list[int] | None:
@@ -840,8 +856,11 @@ def exported_adapter(module: torch.nn.Module, initial: dict[str, torch.Tensor] |
             state[key] = torch.cat([value, initial[key]], dim=0)
         elif "lora_B" in key:
             state[key] = torch.cat([value, -initial[key]], dim=1)
+    alpha_factor = math.sqrt(2) if lora_settings["use_rslora"] else 2
     lora_settings["r"] *= 2
-    lora_settings["lora_alpha"] *= math.sqrt(2) if lora_settings["use_rslora"] else 2
+    lora_settings["lora_alpha"] *= alpha_factor
+    lora_settings["rank_pattern"] = {k: v * 2 for k, v in lora_settings["rank_pattern"].items()}
+    lora_settings["alpha_pattern"] = {k: v * alpha_factor for k, v in lora_settings["alpha_pattern"].items()}
     return state, lora_settings
 
 
@@ -885,10 +904,11 @@ def export_kohya(
     float32, before the cast to `dtype`)."""
     state = {}
     for name, module in trained.items():
-        tensors, settings = exported_adapter(module, initial_state[name] if initial_state else None)
-        scale = settings["lora_alpha"] / (math.sqrt(settings["r"]) if settings["use_rslora"] else settings["r"])
+        tensors, _ = exported_adapter(module, initial_state[name] if initial_state else None)
         for key, value in tensors.items():
-            state[f"{name}.{key}"] = (value * scale if "lora_B" in key else value).to(dtype)
+            if "lora_B" in key:  # each layer's own scale: --conv-rank's layers have theirs (PiSSA's doubling keeps it)
+                value = value * module.get_submodule(key.rpartition(".lora_B")[0]).scaling["default"]
+            state[f"{name}.{key}"] = value.to(dtype)
     name = output_name or f"{folder.name}_kohya"
     return write_lora(folder / f"{name}.safetensors", state, metadata, naming="kohya", family=family)
 
@@ -924,7 +944,10 @@ def lora_metadata(
         "ss_network_dim": str(config.rank),
         "ss_network_alpha": str(config.alpha),
         "ss_network_dropout": str(config.dropout),
-        "ss_network_args": json.dumps({"init": config.init, "use_rslora": config.rslora, "use_dora": config.dora}),
+        "ss_network_args": json.dumps({
+            "init": config.init, "use_rslora": config.rslora, "use_dora": config.dora,
+            **({"conv_dim": str(config.conv_rank), "conv_alpha": str(config.conv_alpha)} if config.conv_rank else {}),
+        }),
         "ss_base_model_version": KOHYA_BASE_VERSIONS[base.family],
         "ss_v2": str(base.family == "sd2"),
         "ss_v_parameterization": str(v_prediction),

@@ -321,3 +321,14 @@ def test_a_square_resolution_may_be_written_as_kohya_writes_it(tmp_path):
     toml.write_text('instance_dir = "imgs"\noutput_dir = "out"\nresolution = "640,480"\n')
     with pytest.raises(StudioError, match=r"run.toml: resolution = '640,480': 640,480 is not square"):
         parse_config(["--config", str(toml)])
+
+
+def test_conv_rank_keeps_the_scale_of_alpha_unless_told_and_needs_no_file_to_start_from():
+    config = parse_config(REQUIRED + ["--network_dim", "8", "--network_alpha", "4", "--conv_dim", "16"])
+    assert (config.conv_rank, config.conv_alpha) == (16, 8.0)  # 4/8 = 8/16
+    assert parse_config(REQUIRED + ["--conv-rank", "4", "--conv_alpha", "1"]).conv_alpha == 1.0
+    assert parse_config(REQUIRED).conv_rank is parse_config(REQUIRED).conv_alpha is None
+    with pytest.raises(StudioError, match=r"^--conv-alpha goes with --conv-rank$"):
+        parse_config(REQUIRED + ["--conv-alpha", "1"])
+    with pytest.raises(StudioError, match=r"^--init-from cannot be combined with --conv-rank"):
+        parse_config(REQUIRED + ["--conv-rank", "4", "--init-from", "a.safetensors"])

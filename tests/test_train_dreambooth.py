@@ -319,6 +319,37 @@ def test_kohya_export_holds_exactly_the_same_deltas(sd_run):
         torch.testing.assert_close(kohya_delta, delta, rtol=1e-5, atol=1e-7)
 
 
+def test_conv_rank_sizes_the_3x3_convolutions_and_every_file_keeps_their_scale(tmp_path):
+    """kohya's conv_dim/conv_alpha: rank 2 (alpha 2: scale 1) on to_k, rank 4 at alpha 2 (scale 0.5) on conv1/conv2."""
+    draw_images(tmp_path / "images", [(64, 64)])
+    result = train(options(tmp_path, unet_targets=["to_k", "conv1", "conv2"], rank=2, conv_rank=4, conv_alpha=2,
+                           learning_rate=1e-2, max_train_steps=3, export_kohya=True))  # fmt: skip
+    tensors = load_file(result.lora_path)
+    ranks = {key.split(".lora_A")[0].rsplit(".", 1)[-1]: t.shape[0] for key, t in tensors.items() if ".lora_A" in key}
+    assert ranks == {"to_k": 2, "conv1": 4, "conv2": 4}
+    assert json.loads(lora_metadata(result.lora_path)["ss_network_args"])["conv_dim"] == "4"
+
+    pipe = tiny_sd_pipeline()
+    pipe.load_lora_weights(result.lora_path)  # plain diffusers reads the per-layer rank and alpha
+    conv = pipe.unet.down_blocks[0].resnets[0].conv1
+    assert conv.lora_A["default_0"].weight.shape[0] == 4 and conv.scaling["default_0"] == 0.5
+    assert pipe.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_k.scaling["default_0"] == 1.0
+    scales = {m.module.rsplit(".", 1)[-1]: m.scale for m in read_lora(result.lora_path).modules}
+    assert scales == {"to_k": 1.0, "conv1": 0.5, "conv2": 0.5}  # and so does the studio's own reader
+
+    kohya = load_file(result.kohya_path)
+    for key, down in tensors.items():
+        if ".lora_A" not in key:
+            continue
+        module = key.split(".lora_A")[0]
+        scale = 0.5 if module.endswith(("conv1", "conv2")) else 1.0
+        delta = scale * tensors[f"{module}.lora_B.weight"].flatten(1) @ down.flatten(1)
+        name = "lora_unet_" + module.removeprefix("unet.").replace(".", "_")
+        k_down, k_up = kohya[f"{name}.lora_down.weight"], kohya[f"{name}.lora_up.weight"]
+        kohya_delta = kohya[f"{name}.alpha"].item() / k_down.shape[0] * k_up.flatten(1) @ k_down.flatten(1)
+        torch.testing.assert_close(kohya_delta, delta, rtol=1e-5, atol=1e-7)
+
+
 def test_kohya_export_loads_through_the_studio_with_the_same_images(sd_run):
     from studio.adapters import Studio
 
