@@ -213,7 +213,7 @@ class TrainConfig:
         aliases=("conv_dim",),
     )
     conv_alpha: float | None = _option(
-        None, "their alpha (kohya's conv_alpha) (default: the scale of --alpha / --rank)"
+        None, "alpha of those convolutions (kohya's conv_alpha) (default: keeps the scale --alpha / --rank)"
     )
     dropout: float = _option(0.0, "LoRA dropout", aliases=("network_dropout", "lora_dropout"))
     init: str = _option("default", "LoRA initialisation (pissa/olora are saved converted to plain LoRA)", choices=INITS)
