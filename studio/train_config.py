@@ -72,6 +72,9 @@ SWITCHES = {
     "network_train_unet_only": ("train_text_encoder", False, "kohya's"),
 }
 
+# kohya's `--network_args KEY=VALUE ...` keys that have an option here.
+NETWORK_ARGS = {"conv_dim": "conv_rank", "conv_alpha": "conv_alpha"}
+
 # Flags of diffusers' train_dreambooth_lora*.py and kohya's train_network.py that have no option here, with
 # what to do instead: a user pasting their command learns it in one line.
 _HINTS = [
@@ -95,8 +98,6 @@ _HINTS = [
     (("unet_lr",), "use --learning-rate (the UNet's rate here, --text-encoder-lr the text encoders')"),
     (("optimizer_args",), "use --adam-beta1/2, --adam-weight-decay, --adam-epsilon and the --prodigy-* options"),
     (("network_module",), "not needed: this trainer always trains LoRA (peft), with --dora and --init for variants"),
-    (("network_args",), "add conv1,conv2 to --unet-targets for LoCon-style conv layers (their rank: --conv-rank, "
-     "--conv-alpha), or use --dora for DoRA"),
     (("dataset_config", "in_json", "dataset_name", "image_column", "caption_column"),
      "use --instance-dir (a folder of images, NAME.txt captions beside them, or kohya's N_PROMPT subfolders)"),
     (("reg_data_dir",), "use --with-prior-preservation with --class-dir and --class-prompt"),
@@ -538,6 +539,8 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(*spellings, dest=option.name, type=parse, help=help_text,
                                 choices=option.metadata.get("choices"),
                                 metavar=option.name.upper())  # fmt: skip
+    parser.add_argument("--network-args", "--network_args", nargs="+", metavar="KEY=VALUE",
+                        help="kohya's network arguments: conv_dim=N and conv_alpha=A (--conv-rank, --conv-alpha)")
     for switch, (name, value, whose) in SWITCHES.items():
         parser.add_argument(f"--{_flag(switch)}", f"--{switch}", dest=name, action="store_const", const=value,
                             help=f"same as --{_flag(name)} {value} ({whose} flag)")  # fmt: skip
@@ -604,6 +607,12 @@ def read_config_file(path: Path) -> dict[str, Any]:
     named = {}
     for key, value in values.items():
         name = str(key).replace("-", "_")
+        if name == "network_args":  # kohya's list of KEY=VALUE texts: what it sets joins the options
+            for option, setting in network_args(value if isinstance(value, list) else [value], f"{path}: ").items():
+                if option in named:
+                    raise StudioError(f"{path}: {option} is given twice (once in network_args)")
+                named[option] = setting
+            continue
         if name in SWITCHES:
             if not isinstance(value, bool):
                 raise StudioError(f"{path}: {key} = {value!r} should be true or false")
@@ -628,6 +637,25 @@ def read_config_file(path: Path) -> dict[str, Any]:
         else:
             values[name] = _coerce(path, name, value, types[name], name in lists)
     return values
+
+
+def network_args(items: list, where: str) -> dict[str, Any]:
+    """kohya's network arguments (`conv_dim=8`) as the options here they set (`conv_rank`: 8)."""
+    kinds = {option.name: _field_type(option.type) for option in fields(TrainConfig)}
+    options = {}
+    for item in items:
+        key, equals, value = str(item).partition("=")
+        option = NETWORK_ARGS.get(key.strip())
+        if not equals or option is None:
+            raise StudioError(
+                f"{where}{str(item)!r} has no equivalent here; conv_dim=N and conv_alpha=A do (--conv-rank, "
+                "--conv-alpha), and --dora gives DoRA"
+            )
+        try:
+            options[option] = kinds[option](value.strip())
+        except ValueError:
+            raise StudioError(f"{where}{key.strip()}={value.strip()!r} should be a number") from None
+    return options
 
 
 def _coerce(path: Path, name: str, value: Any, kind: type, is_list: bool) -> Any:
@@ -658,6 +686,10 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     if extra:
         raise _foreign_flag_error(extra, "")
     given = vars(arguments)
+    for name, value in network_args(given.pop("network_args", []), "--network-args: ").items():
+        if name in given:
+            raise StudioError(f"--network-args and --{_flag(name)} both set {name}: give one")
+        given[name] = value
     config_file = given.pop("config", None)
     values = read_config_file(config_file) if config_file is not None else {}
     for pair in EITHER_OR:  # e.g. a length typed replaces the file's, in either unit

@@ -332,3 +332,20 @@ def test_conv_rank_keeps_the_scale_of_alpha_unless_told_and_needs_no_file_to_sta
         parse_config(REQUIRED + ["--conv-alpha", "1"])
     with pytest.raises(StudioError, match=r"^--init-from cannot be combined with --conv-rank"):
         parse_config(REQUIRED + ["--conv-rank", "4", "--init-from", "a.safetensors"])
+
+
+def test_kohyas_network_args_set_the_conv_rank_on_the_command_line_and_in_a_file(tmp_path):
+    config = parse_config(REQUIRED + ["--network_args", "conv_dim=8", "conv_alpha=4"])
+    assert (config.conv_rank, config.conv_alpha) == (8, 4.0)
+    with pytest.raises(StudioError, match=r"^--network-args: 'algo=locon' has no equivalent here; conv_dim=N"):
+        parse_config(REQUIRED + ["--network_args", "conv_dim=8", "algo=locon"])
+    with pytest.raises(StudioError, match=r"^--network-args and --conv-rank both set conv_rank: give one$"):
+        parse_config(REQUIRED + ["--network_args", "conv_dim=8", "--conv-rank", "4"])
+    toml = tmp_path / "run.toml"
+    toml.write_text('instance_dir = "imgs"\noutput_dir = "out"\nnetwork_args = ["conv_dim=16", "conv_alpha=2"]\n')
+    assert (parse_config(["--config", str(toml)]).conv_rank, parse_config(["--config", str(toml)]).conv_alpha) == (
+        16, 2.0
+    )  # fmt: skip
+    toml.write_text('instance_dir = "imgs"\noutput_dir = "out"\nconv_dim = 4\nnetwork_args = ["conv_dim=16"]\n')
+    with pytest.raises(StudioError, match=r"run.toml: conv_rank is given twice \(once in network_args\)$"):
+        parse_config(["--config", str(toml)])
