@@ -55,8 +55,7 @@ def prompt_arguments(
         if negative_prompt is not None and not isinstance(prompt, str):  # a list of prompts takes a list of them
             return {"prompt": prompt, "negative_prompt": [negative_prompt] * len(prompts)}
         return {"prompt": prompt, "negative_prompt": negative_prompt}
-    text_encoders = pipeline_text_encoders(pipeline)
-    tokenizers = [pipeline.tokenizer] + ([pipeline.tokenizer_2] if len(text_encoders) == 2 else [])
+    text_encoders, tokenizers = pipeline_text_encoders(pipeline), pipeline_tokenizers(pipeline)
     embeds, pooled = encode_prompts(text_encoders, tokenizers, prompts, clip_skip)
     negative_embeds, negative_pooled = encode_prompts(
         text_encoders, tokenizers, [negative_prompt or ""] * len(prompts), clip_skip
@@ -73,6 +72,12 @@ def pipeline_text_encoders(pipeline) -> list[torch.nn.Module]:
     """The SD pipeline's text encoder, or SDXL's two."""
     second = getattr(pipeline, "text_encoder_2", None)
     return [pipeline.text_encoder] + ([second] if second is not None else [])
+
+
+def pipeline_tokenizers(pipeline) -> list:
+    """The tokenizer of each of `pipeline_text_encoders`, in the same order."""
+    second = getattr(pipeline, "tokenizer_2", None)
+    return [pipeline.tokenizer] + ([second] if second is not None else [])
 
 
 def check_clip_skip(family: str, text_encoders: list, clip_skip: int) -> None:

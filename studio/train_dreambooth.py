@@ -57,7 +57,13 @@ from studio.data import (
 )
 from studio.errors import StudioError
 from studio.lora_io import LoraFile, check_family, read_lora, write_lora
-from studio.prompts import check_clip_skip, encode_prompts, pipeline_text_encoders, prompt_arguments
+from studio.prompts import (
+    check_clip_skip,
+    encode_prompts,
+    pipeline_text_encoders,
+    pipeline_tokenizers,
+    prompt_arguments,
+)
 from studio.train_config import (
     STEPS_OR_EPOCHS,
     TEXT_ENCODER_TARGETS,
@@ -146,8 +152,7 @@ def train(config: TrainConfig, base: BaseModel | None = None) -> TrainResult:
         )
     pipeline = base.pipeline
     unet, vae = pipeline.unet, pipeline.vae
-    text_encoders = pipeline_text_encoders(pipeline)
-    tokenizers = [pipeline.tokenizer] + ([pipeline.tokenizer_2] if base.family == "sdxl" else [])
+    text_encoders, tokenizers = pipeline_text_encoders(pipeline), pipeline_tokenizers(pipeline)
     noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
     if noise_scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
         raise StudioError(f"{config.base}: cannot train a {noise_scheduler.config.prediction_type!r}-prediction model")

@@ -65,8 +65,9 @@ def read_prompt_file(path: Path, seed: int) -> list[ValidationImage]:
         raise StudioError(f"{path}: the prompt file is not UTF-8 text") from None
     images = []
     for number, line in enumerate(lines, start=1):
-        if line.strip() and not line.strip().startswith("#"):
-            images.append(_parse_line(line.strip(), f"{path} line {number}", seed + len(images)))
+        text = line.strip()
+        if text and not text.startswith("#"):
+            images.append(_parse_line(text, f"{path} line {number}", seed + len(images)))
     if not images:
         raise StudioError(f"{path}: the prompt file holds no prompt")
     return images
