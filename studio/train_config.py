@@ -491,6 +491,19 @@ class _Parser(argparse.ArgumentParser):
         raise StudioError(f"{message} (see --help)")
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Each spelling once, then the value's name once (`--max-train-steps, --max_train_steps MAX_TRAIN_STEPS`),
+    and switches bare (the description tells their optional `=true|false`), so the many aliases stay readable."""
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if not action.option_strings:
+            return super()._format_action_invocation(action)
+        spellings = ", ".join(action.option_strings)
+        if action.nargs == 0 or isinstance(action, _Switch):
+            return spellings
+        return f"{spellings} {self._format_args(action, self._get_default_metavar_for_optional(action))}"
+
+
 class _Switch(argparse.BooleanOptionalAction):
     """`--flag`, `--no-flag`, and `--flag=true|false`: diffusers declares some switches `type=bool`
     (`--prodigy_safeguard_warmup=True` in its docs)."""
@@ -516,7 +529,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m studio.train_dreambooth",
         usage="%(prog)s --instance-dir DIR --output-dir DIR [--instance-prompt TEXT] [--base SOURCE] [options]",
         description="Train a DreamBooth LoRA on SD1.x / SD2.x / SDXL; writes pytorch_lora_weights.safetensors "
-        "that plain diffusers loads with pipe.load_lora_weights(output_dir).",
+        "that plain diffusers loads with pipe.load_lora_weights(output_dir). Underscore spellings work too "
+        "(--max_train_steps), and every switch also takes =true or =false.",
+        formatter_class=_HelpFormatter,
         argument_default=argparse.SUPPRESS,  # only what the user typed, so a config file can fill the rest
     )
     parser.add_argument("--config", type=Path, help="TOML or YAML file with the same keys; flags override it")

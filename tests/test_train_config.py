@@ -181,6 +181,13 @@ def test_help_documents_every_option():
         assert f"--{option.name.replace('_', '-')}" in text
 
 
+def test_help_names_each_spelling_once_and_switches_bare():
+    text = " ".join(build_parser().format_help().split())  # undo the line wrapping
+    assert "--max-train-steps, --max_train_steps MAX_TRAIN_STEPS " in text
+    assert "--dora, --no-dora, --use-dora," in text
+    assert "[true|false]" not in text and "=true or =false" in text
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [
