@@ -450,6 +450,27 @@ def read_initial_lora(config: TrainConfig) -> LoraFile | None:
     return lora
 
 
+def settings_to_train_further(lora: LoraFile) -> dict[str, object]:
+    """The options under which `read_initial_lora` accepts `lora` as `--init-from`: its rank, the target names
+    of its layers, the text encoders and DoRA when it has them. The UI fills its fields from these."""
+    if not lora.modules:
+        raise StudioError(f"{lora.path}: holds no LoRA layers to start from")
+    ranks = sorted({module.converted_rank for module in lora.modules})
+    if len(ranks) > 1:
+        raise StudioError(
+            f"{lora.path}: its layers have ranks {', '.join(map(str, ranks))}, and one rank cannot hold them all"
+        )
+    settings: dict[str, object] = {"rank": ranks[0], "dora": any(module.dora for module in lora.modules)}
+    for component, option, known in (("unet", "unet_targets", UNET_TARGETS),
+                                     ("text", "text_encoder_targets", TEXT_ENCODER_TARGETS)):  # fmt: skip
+        layers = [module.module for module in lora.modules if module.component.startswith(component)]
+        named = [target for target in known if any(names_module(target, layer) for layer in layers)]
+        if named:
+            settings[option] = named
+    settings["train_text_encoder"] = "text_encoder_targets" in settings
+    return settings
+
+
 def check_initial_lora_targets(config: TrainConfig, lora: LoraFile) -> None:
     """Every layer of the `--init-from` file must be one the targets adapt: else name the targets to pass."""
     for component, flag, targets, known in (

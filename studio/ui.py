@@ -37,6 +37,7 @@ from studio.library import DEFAULT_MAX_UPLOAD_BYTES, SUFFIX, LibraryEntry, LoraL
 from studio.merge import MERGE_METHODS, merge_loras
 from studio.pngmeta import save_png
 from studio.train_config import TEXT_ENCODER_TARGETS, UNET_TARGETS, parse_config
+from studio.train_dreambooth import read_initial_lora, settings_to_train_further
 from studio.train_job import TrainingJob, TrainStatus
 
 logger = logging.getLogger("studio.ui")
@@ -325,10 +326,24 @@ class StudioApp:
         root.mkdir(parents=True, exist_ok=True)
         return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
-    def start_training(self, name: str, uploads: list[str] | None, dataset: str | None, options: dict) -> str:
+    def settings_to_train_further(self, lora_name: str) -> dict[str, object]:
+        """The rank, targets and text encoders that training library LoRA `lora_name` further takes."""
+        return settings_to_train_further(self._lora_to_start_from(lora_name))
+
+    def _lora_to_start_from(self, lora_name: str):
+        entry = self.library.entry(lora_name)
+        if not entry.loaded:
+            raise StudioError(f"{lora_name} cannot be trained further: {entry.error}")
+        return lora_io.read_lora(entry.path)  # loaded, so for this base model's family
+
+    def start_training(
+        self, name: str, uploads: list[str] | None, dataset: str | None, options: dict, start_from: str | None = None
+    ) -> str:
         """Check the request (every trainer option included), gather the images, start the trainer process.
 
-        `options` are `TrainConfig` fields; each run gets its own folder OUT/train/NAME-TIME."""
+        `options` are `TrainConfig` fields; each run gets its own folder OUT/train/NAME-TIME. `start_from` names
+        a library LoRA to train further (the trainer's --init-from); the fields must then fit it, as
+        `settings_to_train_further` fills them."""
         name = check_name(name or "")
         if any(entry.name == name for entry in self.library.entries()):
             raise StudioError(f"the library already has a LoRA named {name!r}; pick another name")
@@ -351,6 +366,9 @@ class StudioApp:
             args.append("--allow-pickle")
         if base.device.type != "cpu":
             args += ["--mixed-precision", "fp16"]
+        if start_from:
+            lora = self._lora_to_start_from(start_from)
+            options = {**options, "init_from": lora.path, "dora": settings_to_train_further(lora)["dora"]}
         for key, value in options.items():
             flag = "--" + key.replace("_", "-")
             if value is True:
@@ -360,6 +378,7 @@ class StudioApp:
             elif value is not None and value is not False and value != "":
                 args += [flag, str(value)]
         config = parse_config(args)  # every option error is reported now, not by a failed process later
+        read_initial_lora(config)  # and whether the fields fit the LoRA to start from
         if uploads:
             images.mkdir(parents=True)
             for upload in uploads:
@@ -757,6 +776,10 @@ def _train_tab(app: StudioApp, library_version: gr.Number, train_tab: gr.Tab) ->
             validation_prompt = gr.Textbox(
                 label="Validation prompt (optional)", placeholder="drawn every N steps while training"
             )
+            start_from = gr.Dropdown(
+                choices=[info.name for info in app.library.loaded()], value=None, elem_id="train-start-from",
+                label="Start from a library LoRA (optional: train it further; sets its rank and layers below)",
+            )  # fmt: skip
             with gr.Row():
                 max_train_steps = gr.Number(label="Steps", value=400, precision=0, minimum=1)
                 learning_rate = gr.Number(label="Learning rate", value=1e-4, minimum=0)
@@ -810,7 +833,7 @@ def _train_tab(app: StudioApp, library_version: gr.Number, train_tab: gr.Tab) ->
     def start_training(
         name, images, dataset, instance_prompt, validation_prompt, max_train_steps, learning_rate, rank, unet_targets,
         train_text_encoder, text_encoder_targets, resolution, train_batch_size, repeats, seed, validation_steps,
-        num_validation_images, inference_steps, max_timestep, random_flip, export_kohya, clip_skip,
+        num_validation_images, inference_steps, max_timestep, random_flip, export_kohya, clip_skip, start_from,
     ):  # fmt: skip
         options = {
             "instance_prompt": instance_prompt, "validation_prompt": validation_prompt or None,
@@ -823,7 +846,18 @@ def _train_tab(app: StudioApp, library_version: gr.Number, train_tab: gr.Tab) ->
             "export_kohya": export_kohya, "clip_skip": clip_skip,
             "checkpointing_steps": max_train_steps,  # the UI keeps no resumable checkpoints: they cost time and disk
         }  # fmt: skip
-        return app.start_training(name, images, dataset, options), gr.Timer(active=True)
+        return app.start_training(name, images, dataset, options, start_from), gr.Timer(active=True)
+
+    def fill_from(lora_name):
+        if not lora_name:
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        settings = app.settings_to_train_further(lora_name)
+        return (
+            settings["rank"],
+            settings.get("unet_targets", gr.skip()),
+            settings["train_text_encoder"],
+            settings.get("text_encoder_targets", gr.skip()),
+        )
 
     def show():
         status = app.training.status()
@@ -839,7 +873,7 @@ def _train_tab(app: StudioApp, library_version: gr.Number, train_tab: gr.Tab) ->
     settings = [name, images, dataset, instance_prompt, validation_prompt, max_train_steps, learning_rate, rank,
                 unet_targets, train_text_encoder, text_encoder_targets, resolution, train_batch_size, repeats, seed,
                 validation_steps, num_validation_images, inference_steps, max_timestep, random_flip,
-                export_kohya, train_clip_skip]  # fmt: skip
+                export_kohya, train_clip_skip, start_from]  # fmt: skip
     outputs = [progress, validation, log, poll, library_version]
     start.click(_shown(start_training), settings, [progress, poll], api_name="train")
     cancel.click(_shown(app.cancel_training), None, progress, api_name="cancel_training").then(
@@ -849,6 +883,13 @@ def _train_tab(app: StudioApp, library_version: gr.Number, train_tab: gr.Tab) ->
     train_tab.select(show, None, outputs, show_progress="hidden", api_visibility="private")
     refresh.click(
         lambda: gr.Dropdown(choices=app.dataset_folders()), None, dataset, queue=False, api_visibility="private"
+    )
+    start_from.change(
+        _shown(fill_from), start_from, [rank, unet_targets, train_text_encoder, text_encoder_targets],
+        show_progress="hidden", api_visibility="private",
+    )  # fmt: skip
+    library_version.change(
+        _loaded_loras(app), None, start_from, show_progress="hidden", queue=False, api_visibility="private"
     )
 
 
@@ -897,9 +938,8 @@ def _merge_tab(app: StudioApp, library_version: gr.Number) -> None:
         [message, previews, library_version, chosen], api_name="merge", concurrency_id="render",
     )  # fmt: skip
     library_version.change(
-        lambda: gr.Dropdown(choices=[info.name for info in app.library.loaded()]), None, chosen,
-        show_progress="hidden", queue=False, api_visibility="private",
-    )  # fmt: skip
+        _loaded_loras(app), None, chosen, show_progress="hidden", queue=False, api_visibility="private"
+    )
 
 
 def _set_merge_weight_js(name: str) -> str:
@@ -907,6 +947,11 @@ def _set_merge_weight_js(name: str) -> str:
 
 
 # Small helpers -----------------------------------------------------------------------------------------
+
+
+def _loaded_loras(app: StudioApp):
+    """A handler that refreshes a dropdown's choices to the library's loaded LoRAs."""
+    return lambda: gr.Dropdown(choices=[info.name for info in app.library.loaded()])
 
 
 def _shown(function):

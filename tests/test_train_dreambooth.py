@@ -42,6 +42,8 @@ from studio.train_dreambooth import (
     diffusion_loss,
     main,
     plan_steps,
+    read_initial_lora,
+    settings_to_train_further,
     train,
 )
 
@@ -288,6 +290,21 @@ def test_init_from_mismatches_are_one_line_errors_before_any_model_loads(sd_run,
     assert main(common[:-1] + [str(tmp_path / "nope.safetensors")]) == 2
     assert "nope.safetensors" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_settings_to_train_further_are_the_ones_init_from_accepts(sd_run, tmp_path):
+    for path in (sd_run.result.lora_path, sd_run.result.kohya_path):
+        settings = settings_to_train_further(read_lora(path))
+        assert settings == {"rank": sd_run.config.rank, "dora": False, "unet_targets": BLOCK_TARGETS,
+                            "text_encoder_targets": TEXT_TARGETS, "train_text_encoder": True}  # fmt: skip
+        assert read_initial_lora(options(sd_run.tmp, init_from=path, **settings)).path == path
+    mixed = tmp_path / "mixed.safetensors"
+    modules = ["unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_k", "text_encoder.encoder.layers.0.mlp.fc1"]
+    save_file({f"{modules[0]}.lora_A.weight": torch.zeros(4, 64), f"{modules[0]}.lora_B.weight": torch.zeros(64, 4),
+               f"{modules[1]}.lora_A.weight": torch.zeros(2, 32), f"{modules[1]}.lora_B.weight": torch.zeros(37, 2)},
+              mixed)  # fmt: skip
+    with pytest.raises(StudioError, match=r"mixed.safetensors: its layers have ranks 2, 4, and one rank cannot hold"):
+        settings_to_train_further(read_lora(mixed))
 
 
 def test_init_from_a_lora_for_another_model_is_refused(sd_run, tmp_path):

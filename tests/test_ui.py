@@ -14,6 +14,8 @@ from gradio_client.exceptions import AppError
 from lora_factories import diffusers_lora, kohya_lora
 from PIL import Image
 from ports import free_port
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 import app as app_cli
 from studio.a1111 import parse_infotext
@@ -333,6 +335,52 @@ def test_training_without_a_prompt_needs_a_caption_for_every_image(tmp_path, mon
     (tmp_path / "moon.txt").write_text("a sks moon")
     app.start_training("star", [str(p) for p in tmp_path.glob("*.*")], None, {"max_train_steps": 1})
     assert len(started) == 1 and "--instance-prompt" not in started[0]
+
+
+def test_training_a_library_lora_further_fills_its_settings_and_starts_at_its_deltas(tmp_path, monkeypatch):
+    """A rank-2 LoRA on attn1.to_k, attn2.to_v and the text encoder's q_proj: the Train tab's fields become
+    rank 2, to_k + to_v, text encoder q_proj; at a vanishing learning rate the new LoRA is the file's change (the
+    file has no alpha: scale 1)."""
+    studio = Studio.from_base("tiny-sd", device="cpu")
+    generator = torch.Generator().manual_seed(0)
+    tensors = {}
+    for prefix, model, suffixes in (("unet.", studio.pipeline.unet, ("attn1.to_k", "attn2.to_v")),
+                                    ("text_encoder.text_model.", studio.pipeline.text_encoder, ("self_attn.q_proj",))):  # fmt: skip
+        for name, layer in model.named_modules():  # the file names the text encoder as diffusers' files do
+            if name.endswith(suffixes):
+                tensors[f"{prefix}{name}.lora_A.weight"] = torch.randn(2, layer.in_features, generator=generator)
+                tensors[f"{prefix}{name}.lora_B.weight"] = torch.randn(layer.out_features, 2, generator=generator)
+    (tmp_path / "l").mkdir()
+    save_file(tensors, tmp_path / "l" / "mine.safetensors")
+    app = StudioApp(studio, UIOptions(lora_dir=tmp_path / "l", out_dir=tmp_path / "o", render_previews=False))
+    settings = app.settings_to_train_further("mine")
+    assert settings == {"rank": 2, "dora": False, "unet_targets": ["to_k", "to_v"], "text_encoder_targets": ["q_proj"],
+                        "train_text_encoder": True}  # fmt: skip
+
+    started = []
+    monkeypatch.setattr(app.training, "start", lambda name, output, args: started.append(args))
+    image = tmp_path / "star.png"
+    Image.new("RGB", (64, 64), "purple").save(image)
+    fields = {"instance_prompt": "a sks shape", "max_train_steps": 1, "learning_rate": 1e-12, "text_encoder_lr": 1e-12}
+    with pytest.raises(StudioError, match=r"mine.safetensors: its layers have rank 2, pass --rank 2$"):
+        app.start_training("more", [str(image)], None, {**fields, **settings, "rank": 4}, start_from="mine")
+    assert not started and not (tmp_path / "o" / "train").exists()  # checked before any run folder is made
+    app.start_training("more", [str(image)], None, {**fields, **settings}, start_from="mine")
+    [args] = started
+    assert args[args.index("--init-from") + 1] == str(tmp_path / "l" / "mine.safetensors")
+    assert train_main(args) == 0
+    [output] = (tmp_path / "o" / "train").glob("more-*/output/pytorch_lora_weights.safetensors")
+    trained = load_file(output)
+    with safe_open(output, framework="pt") as handle:
+        adapter = json.loads(handle.metadata()["lora_adapter_metadata"])
+    assert {key for key in tensors if "lora_A" in key} < {key for key in trained if "lora_A" in key}
+    for key, down in trained.items():  # to_k and to_v of both attentions: the file's layers, the others at zero
+        if key.endswith(".lora_A.weight"):
+            module, component = key[: -len(".lora_A.weight")], key.split(".")[0]
+            scale = adapter[f"{component}.lora_alpha"] / adapter[f"{component}.r"]
+            up = f"{module}.lora_B.weight"
+            expected = tensors[up] @ tensors[key] if key in tensors else torch.zeros(trained[up].shape[0], down.shape[1])
+            torch.testing.assert_close(scale * trained[up] @ down, expected, rtol=1e-5, atol=1e-6, msg=module)
 
 
 def test_app_refuses_a_malformed_auth(tmp_path, capsys):
