@@ -833,7 +833,7 @@ def _train_tab(app: StudioApp, library_version: gr.Number, train_tab: gr.Tab) ->
     def start_training(
         name, images, dataset, instance_prompt, validation_prompt, max_train_steps, learning_rate, rank, unet_targets,
         train_text_encoder, text_encoder_targets, resolution, train_batch_size, repeats, seed, validation_steps,
-        num_validation_images, inference_steps, max_timestep, random_flip, export_kohya, clip_skip, start_from,
+        num_validation_images, inference_steps, max_timestep, random_flip, export_kohya, clip_skip, start_from=None,
     ):  # fmt: skip
         options = {
             "instance_prompt": instance_prompt, "validation_prompt": validation_prompt or None,
