@@ -16,7 +16,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--base-config", default=None, help="diffusers folder describing a single-file --base offline")
     parser.add_argument(
-        "--allow-pickle", action="store_true", help="accept a .ckpt/.pt/.bin --base (torch's weights-only loader)"
+        "--allow-pickle", action="store_true", help="accept a .ckpt/.pt/.pth/.bin --base (torch's weights-only loader)"
     )
     parser.add_argument(
         "--lora-dir", type=Path, default=Path("loras"),

@@ -1,6 +1,6 @@
 """LoRA Studio: train, load, blend, merge and use image LoRA adapters on Stable Diffusion.
 
-`from studio import Studio` is the entry point (see ARCHITECTURE in the README). It is imported lazily so
+`from studio import Studio` is the entry point (see "Adapters" in the README). It is imported lazily so
 that light modules (`studio.demo_world`, the CLIs' `--help`) start without loading diffusers.
 """
 

@@ -72,7 +72,7 @@ class AdapterInfo:
 
 
 class Studio:
-    """A base pipeline plus named adapters. See ARCHITECTURE.md for the public API."""
+    """A base pipeline plus named adapters; the README's "Adapters" section shows the public API."""
 
     def __init__(self, base: BaseModel):
         self.base = base

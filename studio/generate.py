@@ -97,7 +97,7 @@ class Plan:
     dtype: str | None = None
     scheduler: str | None = None  # required scheduler class (an image being reproduced)
     base_config: str | None = None  # config folder for a single-file base (see `studio.base.load_base`)
-    allow_pickle: bool = False  # accept a .ckpt/.pt/.bin base
+    allow_pickle: bool = False  # accept a .ckpt/.pt/.pth/.bin base
 
 
 # Planning ----------------------------------------------------------------------------------------------
@@ -511,7 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--fuse", action="store_true", help="fuse each blend into the weights: faster, results differ in the last bits")
     common.add_argument("--overwrite", action="store_true", help="replace images written earlier with other settings")
     common.add_argument("--base-config", metavar="DIR", help="diffusers folder (or cached hub id) describing a single-file base; needed offline")
-    common.add_argument("--allow-pickle", action="store_true", help="accept a .ckpt/.pt/.bin base (read with torch's weights-only loader)")
+    common.add_argument("--allow-pickle", action="store_true", help="accept a .ckpt/.pt/.pth/.bin base (read with torch's weights-only loader)")
     return parser
 
 
@@ -595,14 +595,19 @@ def split_lora_weight(reference: str) -> tuple[str, float]:
 
 
 def _cli_adapter(source: str) -> tuple[str, str | None]:
-    """(name, file or hub id) for a --lora value; a bare name (no file) is looked up in --lora-dir later."""
+    """(name, file or hub id) for a --lora value; a bare name (no file) is looked up in --lora-dir later.
+    A hub id is `owner/name`, or `owner/name/FILE.safetensors` for one file of it."""
     path = Path(source)
     if path.exists():
         return _name_from_path(path), source
+    parts = source.rstrip("/").split("/")
+    hub_id = len(parts) >= 2 and all(parts) and not source.startswith((".", "/", "~"))
     if path.suffix == ".safetensors":
-        raise StudioError(f"--lora {source}: no such file")
-    if "/" in source:
-        return source.rstrip("/").rsplit("/", 1)[-1], source  # a hub id
+        if not (hub_id and len(parts) >= 3):
+            raise StudioError(f"--lora {source}: no such file")
+        return _name_from_path(path), source
+    if hub_id:
+        return parts[-1], source
     return source, None
 
 

@@ -166,7 +166,7 @@ class TrainConfig:
         "needed offline"
     )
     allow_pickle: bool = _option(
-        False, "accept a .ckpt/.pt/.bin --base or --init-from (pickle files, read with torch's weights-only loader)"
+        False, "accept a .ckpt/.pt/.pth/.bin --base or --init-from (pickle files, read with torch's weights-only loader)"
     )
     trigger_words: str | None = _option(
         None, "comma-separated trigger words stored in the LoRA (default: the instance prompt, or else the "

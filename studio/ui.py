@@ -7,7 +7,7 @@ for that request only (`Studio.generate(blend=...)`), so nobody's sliders change
 
 Blend spec: `{adapter: {"on": bool, "weight": w, "text_encoder": m, "down": m, "mid": m, "up": m}}`, the
 last four optional multipliers of `weight` (1 when absent); a bare number means "on at that weight". From a
-script: `Client(url).predict(prompt="a red circle", blend={"stripes": 0.8}, api_name="/generate")`.
+script: `Client(url).predict(prompt="a red circle", blend={"striped": 0.8}, api_name="/generate")`.
 """
 
 from __future__ import annotations
@@ -919,7 +919,7 @@ def _merge_tab(app: StudioApp, library_version: gr.Number) -> None:
             with gr.Row():
                 density = gr.Slider(0.01, 1.0, value=0.5, step=0.01, label="density (ties, dare, magnitude_prune)")
                 rank = gr.Number(label="target rank (svd; 0 = the largest input rank)", value=0, precision=0, minimum=0)
-            merged_name = gr.Textbox(label="Save as", placeholder="e.g. stripes_outline", elem_id="merge-name")
+            merged_name = gr.Textbox(label="Save as", placeholder="e.g. striped_star", elem_id="merge-name")
             replace = gr.Checkbox(label="replace a LoRA with the same name", value=False)
             preview_prompt = gr.Textbox(label="Preview prompt", value=EXAMPLE_PROMPTS.get(app.studio.base.source, ""))
             merge_button = gr.Button("Merge and add to library", variant="primary", elem_id="merge-button")

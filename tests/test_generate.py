@@ -275,6 +275,32 @@ def test_bad_command_lines_fail_in_one_line_before_writing(lora_dir, tmp_path, c
     assert not out.exists()
 
 
+def test_lora_hub_ids_resolve_from_the_local_cache_as_a_repo_or_one_of_its_files(lora_dir, tmp_path, monkeypatch):
+    """The standard cache layout (models--owner--name/snapshots/<rev>): `owner/name` holding one LoRA, and
+    `owner/name/FILE.safetensors`, render exactly what the local file renders."""
+    revision = "0" * 40
+    for repo, files in (("one", ["a.safetensors"]), ("two", ["a.safetensors", "b.safetensors"])):
+        cached = tmp_path / "cache" / f"models--studio-test--{repo}"
+        (cached / "refs").mkdir(parents=True)
+        (cached / "refs" / "main").write_text(revision)
+        (cached / "snapshots" / revision).mkdir(parents=True)
+        for name in files:
+            (cached / "snapshots" / revision / name).write_bytes((lora_dir / name).read_bytes())
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "cache"))
+    rendered = {}
+    for source in (str(lora_dir / "a.safetensors"), "studio-test/one", "studio-test/two/a.safetensors"):
+        out = tmp_path / source.replace("/", "_")
+        assert main(FAST_FLAGS + ["--prompt", "a red circle", "--seed", "1", "--lora", f"{source}:0.7",
+                                  "--out", str(out)]) == 0  # fmt: skip
+        [png] = out.glob("*.png")
+        rendered[source] = np.asarray(Image.open(png))
+    first, *others = rendered.values()
+    assert all(np.array_equal(first, other) for other in others)
+    base = tmp_path / "base"
+    assert main(FAST_FLAGS + ["--prompt", "a red circle", "--seed", "1", "--out", str(base)]) == 0
+    assert not np.array_equal(first, np.asarray(Image.open(next(base.glob("*.png")))))  # the LoRA does change it
+
+
 def test_family_mismatch_fails_before_writing(tmp_path, capsys):
     xl_lora = tmp_path / "xl.safetensors"
     diffusers_lora(tiny_sdxl_pipeline(), xl_lora, "sdxl")
