@@ -48,7 +48,8 @@ NOT_PART_OF_RUN = frozenset({
     "checkpointing_epochs", "checkpoints_total_limit", "validation_prompt", "validation_prompts_file",
     "validation_steps", "validation_epochs", "num_validation_images", "report_to", "export_kohya",
     "cache_latents", "cache_prompt_embeddings", "dataloader_num_workers", "gradient_checkpointing",
-    "base_config", "allow_pickle", "save_precision", "output_name",
+    "base_config", "allow_pickle", "save_precision", "output_name", "validation_at_start", "training_comment",
+    "metadata_title", "metadata_author", "metadata_description", "metadata_license", "metadata_tags",
 })  # fmt: skip
 
 # Lengths given in optimizer steps or in epochs (diffusers' and kohya's scripts take both): steps option ->
@@ -118,7 +119,22 @@ _HINTS = [
       "adaptive_noise_scale", "noise_offset_random_strength"),
      "not available (--noise-offset and --snr-gamma are)"),
     (("color_aug", "face_crop_aug_range"), "not available (--random-flip and --crop random are)"),
-    (("lowram", "highvram", "persistent_data_loader_workers"), "not needed here"),
+    (("lowram", "highvram", "persistent_data_loader_workers", "vae_batch_size", "tokenizer_cache_dir",
+      "console_log_level", "console_log_file", "console_log_simple", "ddp_timeout", "ddp_gradient_as_bucket_view",
+      "ddp_static_graph"), "not needed here"),
+    (("dim_from_weights",), "not needed: give --rank (a mismatch with the --init-from file is an error naming its rank)"),
+    (("network_train_text_encoder_only",), "not available: the UNet is always trained (--train-text-encoder adds "
+     "the text encoders)"),
+    (("caption_tag_dropout_rate", "caption_dropout_every_n_epochs", "weighted_captions"),
+     "not available (--caption-dropout-rate drops whole captions, --shuffle-caption shuffles tags)"),
+    (("loss_type", "huber_c", "huber_schedule", "huber_scale", "masked_loss", "alpha_mask"),
+     "not available: the loss is mean squared error (--snr-gamma and --debiased-estimation-loss weight it)"),
+    (("fp8_base", "fp8_base_unet"), "not available: use --mixed-precision fp16 or bf16"),
+    (("save_n_epoch_ratio",), "use --checkpointing-epochs"),
+    (("no_metadata",), "not available: the metadata is how tools describe and load the LoRA; it records folders "
+     "and the base model by name only, not their full paths"),
+    (("wandb_api_key", "wandb_run_name", "log_tracker_name", "log_tracker_config", "log_prefix", "log_config"),
+     "with --report-to wandb, log in once with `wandb login`; runs are named after the output folder"),
 ]  # fmt: skip
 FOREIGN_FLAG_HINTS = {flag: hint for flags, hint in _HINTS for flag in flags}
 
@@ -283,6 +299,14 @@ class TrainConfig:
     snr_gamma: float | None = _option(
         None, "min-SNR weighting gamma (5.0 is usual); off when unset", aliases=("min_snr_gamma",)
     )
+    debiased_estimation_loss: bool = _option(
+        False, "weight the loss by 1/sqrt(SNR) (v-prediction: 1/(SNR+1)), kohya's debiased estimation: less weight "
+        "on the nearly clean timesteps; SNR is held between the schedule's smallest positive SNR and 1000"
+    )
+    scale_weight_norms: float | None = _option(
+        None, "after every step, shrink each layer whose change (scale x B @ A) has a norm above this, kohya's "
+        "max-norm regularisation (e.g. 1.0: keeps the LoRA from overpowering at weight 1); off when unset"
+    )
     noise_offset: float = _option(0.0, "noise offset (0.05-0.1 helps very dark or bright images)")
     min_timestep: int = _option(0, "lowest noise timestep trained on (kohya's --min_timestep)")
     max_timestep: int | None = _option(
@@ -317,6 +341,10 @@ class TrainConfig:
     )
     validation_epochs: int | None = _option(None, "or make them every N epochs", aliases=("sample_every_n_epochs",))
     num_validation_images: int = _option(4, "images of --validation-prompt (a prompts file: one per line)")
+    validation_at_start: bool = _option(
+        False, "also make the validation images before the first step (kohya's --sample_at_first)",
+        aliases=("sample_at_first",),
+    )
     inference_steps: int = _option(25, "denoising steps for class images and validation images")
     report_to: str = _option(
         "auto", "tracker for losses and images (auto: tensorboard when installed)", choices=REPORT_TO,
@@ -330,6 +358,14 @@ class TrainConfig:
         None, "file name of the kohya-named copy, NAME.safetensors (kohya's --output_name; implies --export-kohya; "
         "default: the output folder's name + _kohya)"
     )
+    training_comment: str | None = _option(None, "free text stored in the LoRA's metadata (ss_training_comment)")
+    metadata_title: str | None = _option(
+        None, "title stored in the LoRA (modelspec.title, which tools show) (default: --output-name or the folder's name)"
+    )
+    metadata_author: str | None = _option(None, "author stored in the LoRA (modelspec.author)")
+    metadata_description: str | None = _option(None, "description stored in the LoRA (modelspec.description)")
+    metadata_license: str | None = _option(None, "license stored in the LoRA (modelspec.license)")
+    metadata_tags: str | None = _option(None, "comma-separated tags stored in the LoRA (modelspec.tags)")
     save_precision: str = _option(
         "fp32", "dtype of the saved LoRA files: fp16 or bf16 halve their size (kohya's --save_precision); "
         "checkpoints resume in full precision either way", choices=SAVE_PRECISIONS,
@@ -403,6 +439,12 @@ class TrainConfig:
             raise StudioError(
                 f"--min-timestep {self.min_timestep} / --max-timestep {self.max_timestep}: "
                 "need 0 <= min < max (max is excluded)"
+            )
+        if self.scale_weight_norms is not None and self.scale_weight_norms <= 0:
+            raise StudioError(f"--scale-weight-norms {self.scale_weight_norms}: must be positive")
+        if self.scale_weight_norms is not None and (self.dora or self.init in ("pissa", "olora")):
+            raise StudioError(
+                "--scale-weight-norms bounds the change B @ A makes: it cannot go with --dora or --init pissa/olora"
             )
         if self.loraplus_lr_ratio is not None and self.loraplus_lr_ratio < 1.0:
             raise StudioError(f"--loraplus-lr-ratio {self.loraplus_lr_ratio}: must be at least 1")

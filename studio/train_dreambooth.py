@@ -13,6 +13,7 @@ loads it) with kohya-style `ss_*` and `studio.*` metadata, and on request a kohy
 from __future__ import annotations
 
 import contextlib
+import datetime
 import itertools
 import json
 import logging
@@ -83,6 +84,11 @@ TRAINING_STATE_FILE = "lora_training_state.safetensors"  # raw adapter tensors i
 EMA_PREFIX, EMA_STEP_KEY = "ema.", "ema_step"  # the weight average's tensors and step count in that file
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 KOHYA_BASE_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+# Stability AI's model spec (modelspec.*), as kohya writes it for LoRAs: architecture by family (SD2 by prediction).
+MODELSPEC_ARCHITECTURES = {
+    "sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sdxl": "stable-diffusion-xl-v1-base"
+}  # fmt: skip
+PATH_OPTIONS = ("base", "base_config", "instance_dir", "output_dir", "class_dir", "init_from", "validation_prompts_file")
 
 
 @dataclass
@@ -272,6 +278,9 @@ def train(config: TrainConfig, base: BaseModel | None = None) -> TrainResult:
     # 8. The loop.
     denoiser = wrapped["unet"]
     encoders_in_loop = [wrapped.get(n, te) for n, te in zip(("text_encoder", "text_encoder_2"), text_encoders)]
+    if validation and config.validation_at_start and global_step == 0 and accelerator.is_main_process:
+        images = validation_images(config, validation, pipeline, accelerator, trained, vae, text_encoders)
+        save_validation(config, accelerator, validation, images, 0)
     progress = tqdm(total=plan.total, initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
     losses: list[float] = []
     start_step, start_time, pause = global_step, time.perf_counter(), 0.0
@@ -319,7 +328,9 @@ def train(config: TrainConfig, base: BaseModel | None = None) -> TrainResult:
                     target, prior_target = target.chunk(2)
                     timesteps = timesteps[: model_pred.shape[0]]
                     prior_loss = F.mse_loss(prior_pred.float(), prior_target.float())
-                loss = diffusion_loss(model_pred, target, timesteps, noise_scheduler, config.snr_gamma)
+                loss = diffusion_loss(
+                    model_pred, target, timesteps, noise_scheduler, config.snr_gamma, config.debiased_estimation_loss
+                )
                 if prior_loss is not None:
                     loss = loss + config.prior_loss_weight * prior_loss
 
@@ -341,13 +352,16 @@ def train(config: TrainConfig, base: BaseModel | None = None) -> TrainResult:
 
             if not accelerator.sync_gradients:
                 continue
+            logged = {}
+            if config.scale_weight_norms is not None:
+                logged["keys_scaled"], logged["max_key_norm"] = apply_max_norm(trained, config.scale_weight_norms)
             if ema is not None:
                 ema.step(trained_params)
             global_step += 1
             losses.append(loss.detach().item())
             progress.update(1)
             progress.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
-            accelerator.log({"loss": losses[-1], "lr": lr_scheduler.get_last_lr()[0]}, step=global_step)
+            accelerator.log({"loss": losses[-1], "lr": lr_scheduler.get_last_lr()[0], **logged}, step=global_step)
 
             paused_at = time.perf_counter()
             if global_step % plan.checkpoint_every == 0 and global_step < plan.total:
@@ -760,20 +774,56 @@ def denoising_target(noise_scheduler, latents, noise, timesteps) -> torch.Tensor
     return noise
 
 
-def diffusion_loss(model_pred, target, timesteps, noise_scheduler, snr_gamma: float | None) -> torch.Tensor:
-    """Mean squared error, optionally min-SNR weighted (https://arxiv.org/abs/2303.09556): the x0-loss weighted
-    by min(SNR, gamma), which is the noise loss times min(SNR, gamma) / SNR and the velocity loss times
-    min(SNR, gamma) / (SNR + 1). Written so that SNR = 0 (the last timestep of zero-terminal-SNR schedules,
-    such as the demo model's) gives weight 1 and 0, where the plain quotient gives NaN."""
-    if snr_gamma is None:
+def diffusion_loss(
+    model_pred, target, timesteps, noise_scheduler, snr_gamma: float | None, debiased: bool = False
+) -> torch.Tensor:
+    """Mean squared error, optionally weighted per sample (both weights multiply when both are on):
+
+    - min-SNR (https://arxiv.org/abs/2303.09556): the x0-loss weighted by min(SNR, gamma), which is the noise
+      loss times min(SNR, gamma) / SNR and the velocity loss times min(SNR, gamma) / (SNR + 1). Written so that
+      SNR = 0 (the last timestep of zero-terminal-SNR schedules, such as the demo model's) gives weight 1 and
+      0, where the plain quotient gives NaN.
+    - debiased estimation (kohya's; https://arxiv.org/abs/2310.08442): 1 / sqrt(SNR) for the noise loss,
+      1 / (SNR + 1) for the velocity loss, with SNR held to [the schedule's smallest positive SNR, 1000] so
+      that SNR = 0 and the nearly clean steps keep finite weights."""
+    if snr_gamma is None and not debiased:
         return F.mse_loss(model_pred.float(), target.float(), reduction="mean")
     snr = compute_snr(noise_scheduler, timesteps)
-    if noise_scheduler.config.prediction_type == "v_prediction":
-        weights = torch.clamp(snr, max=snr_gamma) / (snr + 1)
-    else:
-        weights = torch.clamp(snr_gamma / snr, max=1.0)  # = min(SNR, gamma) / SNR; gamma / 0 = inf -> 1
+    v_prediction = noise_scheduler.config.prediction_type == "v_prediction"
+    weights = torch.ones_like(snr)
+    if snr_gamma is not None:
+        if v_prediction:
+            weights = weights * torch.clamp(snr, max=snr_gamma) / (snr + 1)
+        else:
+            weights = weights * torch.clamp(snr_gamma / snr, max=1.0)  # = min(SNR, gamma) / SNR; gamma / 0 = inf -> 1
+    if debiased:
+        alphas_cumprod = noise_scheduler.alphas_cumprod
+        all_snr = alphas_cumprod / (1 - alphas_cumprod)
+        held = snr.clamp(min=float(all_snr[all_snr > 0].min()), max=1000.0)
+        weights = weights * (1 / (held + 1) if v_prediction else held.rsqrt())
     loss = F.mse_loss(model_pred.float(), target.float(), reduction="none")
     return (loss.mean(dim=list(range(1, loss.ndim))) * weights).mean()
+
+
+@torch.no_grad()
+def apply_max_norm(trained: dict[str, torch.nn.Module], max_norm: float) -> tuple[int, float]:
+    """kohya's max-norm regularisation: a LoRA layer whose change, scale * B @ A, has a (Frobenius) norm above
+    `max_norm` gets A and B each multiplied by sqrt(max_norm / norm), so the change keeps its direction at norm
+    `max_norm`. Returns how many layers were scaled and the largest norm left (kohya logs both)."""
+    scaled, largest = 0, 0.0
+    for module in trained.values():
+        for layer in module.modules():
+            if not isinstance(layer, BaseTunerLayer) or "default" not in layer.lora_A:
+                continue
+            down, up = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+            norm = float((layer.scaling["default"] * up.flatten(1) @ down.flatten(1)).norm())
+            if norm > max_norm:
+                factor = (max_norm / norm) ** 0.5
+                down.mul_(factor)
+                up.mul_(factor)
+                scaled, norm = scaled + 1, max_norm
+            largest = max(largest, norm)
+    return scaled, largest
 
 
 # ---- checkpoints -------------------------------------------------------------------------------------------
@@ -953,19 +1003,23 @@ def lora_metadata(
     for image in images:
         by_folder.setdefault(image.path.parent.name, []).append(image)
     concepts = ", ".join(dict.fromkeys(p for f, p, _ in concept_folders(config.instance_dir) if f.name in by_folder))
+    trigger_words = config.trigger_words or concepts
+    values = config.to_dict()
+    shared_config = values | {name: _name_only(values[name]) for name in PATH_OPTIONS}
     return {
-        "studio.base_model": base.source,
+        **modelspec_metadata(config, base, resolution, trigger_words),
+        "studio.base_model": _name_only(base.source),
         "studio.family": base.family,
         "studio.rank": str(config.rank),
         "studio.alpha": str(config.alpha),
         "studio.unet_targets": ",".join(config.unet_targets),
         "studio.text_encoder_targets": ",".join(config.text_encoder_targets) if config.train_text_encoder else "",
-        "studio.trigger_words": config.trigger_words or concepts,
+        "studio.trigger_words": trigger_words,
         "studio.trigger_prompt": config.instance_prompt or concepts,
         "studio.steps": str(steps),
         "studio.resolution": str(resolution),
         "studio.prediction_type": "v_prediction" if v_prediction else "epsilon",
-        "studio.train_config": json.dumps(config.to_dict(), sort_keys=True),
+        "studio.train_config": json.dumps(shared_config, sort_keys=True),
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(config.rank),
         "ss_network_alpha": str(config.alpha),
@@ -977,7 +1031,7 @@ def lora_metadata(
         "ss_base_model_version": KOHYA_BASE_VERSIONS[base.family],
         "ss_v2": str(base.family == "sd2"),
         "ss_v_parameterization": str(v_prediction),
-        "ss_sd_model_name": base.source,
+        "ss_sd_model_name": _name_only(base.source),
         "ss_resolution": f"({resolution}, {resolution})",
         "ss_enable_bucket": str(config.buckets is not None),
         "ss_learning_rate": str(config.learning_rate),
@@ -1014,7 +1068,47 @@ def lora_metadata(
             folder: {"n_repeats": group[0].repeats * config.repeats, "img_count": len(group)}
             for folder, group in by_folder.items()
         }),
+        **({"ss_training_comment": config.training_comment} if config.training_comment else {}),
     }
+
+
+def modelspec_metadata(config: TrainConfig, base: BaseModel, resolution: int, trigger_words: str | None) -> dict[str, str]:
+    """Stability AI's model spec keys (`modelspec.*`) as kohya writes them for a LoRA: ComfyUI, civitai and
+    other tools read the architecture, title and trigger phrase from them."""
+    scheduler = base.pipeline.scheduler.config
+    v_prediction = scheduler.get("prediction_type") == "v_prediction"
+    architecture = MODELSPEC_ARCHITECTURES[base.family]
+    if base.family == "sd2" and v_prediction:
+        architecture = "stable-diffusion-v2-768-v"
+    spec = {
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.architecture": f"{architecture}/lora",
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models"
+        if base.family == "sdxl"
+        else "diffusers",
+        "modelspec.title": config.metadata_title or config.output_name or config.output_dir.name,
+        "modelspec.date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "modelspec.resolution": f"{resolution}x{resolution}",
+        "modelspec.prediction_type": "v" if v_prediction else "epsilon",
+        "modelspec.encoder_layer": str(config.clip_skip),
+    }
+    if config.min_timestep or config.max_timestep is not None:
+        spec["modelspec.timestep_range"] = f"{config.min_timestep},{config.max_timestep or scheduler.num_train_timesteps}"
+    if trigger_words:
+        spec["modelspec.trigger_phrase"] = trigger_words
+    for name in ("author", "description", "license", "tags"):
+        if getattr(config, f"metadata_{name}"):
+            spec[f"modelspec.{name}"] = getattr(config, f"metadata_{name}")
+    return spec
+
+
+def _name_only(value: str | None) -> str | None:
+    """A local path cut to its last part (hub ids and built-in names stay): the metadata travels with a shared
+    LoRA, the trainer's folders and user name should not (kohya records names only, too)."""
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    return path.name if path.is_absolute() or path.exists() else value
 
 
 # ---- validation --------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -36,6 +37,7 @@ from studio.train_dreambooth import (
     LORA_FILE,
     RUN_FILE,
     StepPlan,
+    apply_max_norm,
     build_optimizer,
     check_output_dir,
     denoising_target,
@@ -185,6 +187,13 @@ def test_output_loads_in_plain_diffusers_changes_images_and_disable_restores_bas
 
 def test_metadata_describes_the_training(sd_run):
     metadata = lora_metadata(sd_run.result.lora_path)
+    assert not [value for value in metadata.values() if str(sd_run.tmp) in value]  # folders by name only
+    assert json.loads(metadata["studio.train_config"])["instance_dir"] == "images"
+    assert metadata["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    assert metadata["modelspec.title"] == "out" and metadata["modelspec.resolution"] == "64x64"
+    assert metadata["modelspec.prediction_type"] == "epsilon" and metadata["modelspec.trigger_phrase"] == PROMPT
+    assert datetime.fromisoformat(metadata["modelspec.date"]).tzinfo is not None
+    assert "ss_training_comment" not in metadata and "modelspec.author" not in metadata
     assert metadata["studio.family"] == "sd1"
     assert metadata["studio.base_model"] == "tiny-sd"
     assert metadata["studio.trigger_words"] == PROMPT
@@ -765,6 +774,94 @@ def test_min_snr_weighting_of_velocity_on_a_zero_terminal_snr_schedule_is_finite
     loss = diffusion_loss(prediction, target, timesteps, scheduler, 5.0)
     assert torch.isfinite(loss)
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_debiased_estimation_weights_noise_loss_by_one_over_sqrt_snr_held_to_the_schedule():
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    prediction, target = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    timesteps = torch.tensor([0, 400, 999])
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    alpha_bar = torch.cumprod(1 - betas, 0)[timesteps]
+    snr = (alpha_bar / (1 - alpha_bar)).clamp(max=1000)  # t = 0: SNR ~ 1175, held to 1000
+    per_sample = ((prediction - target) ** 2).mean(dim=(1, 2, 3)).double()
+    loss = diffusion_loss(prediction, target, timesteps, scheduler, None, debiased=True)
+    torch.testing.assert_close(loss.double(), (per_sample / snr.sqrt()).mean(), rtol=1e-5, atol=1e-7)
+    with_min_snr = diffusion_loss(prediction, target, timesteps, scheduler, 5.0, debiased=True)
+    expected = (per_sample / snr.sqrt() * torch.clamp(5.0 / (alpha_bar / (1 - alpha_bar)), max=1.0)).mean()
+    torch.testing.assert_close(with_min_snr.double(), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_debiased_estimation_on_a_zero_terminal_snr_schedule_is_finite():
+    """SNR = 0 at the last timestep: held to the smallest positive SNR for noise prediction (1 / sqrt(0) is
+    infinite); velocity's 1 / (SNR + 1) is 1 there."""
+    prediction, target = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    timesteps = torch.tensor([500, 999])
+    per_sample = ((prediction - target) ** 2).mean(dim=(1, 2, 3)).double()
+    for prediction_type in ("epsilon", "v_prediction"):
+        scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                  prediction_type=prediction_type, rescale_betas_zero_snr=True)  # fmt: skip
+        alpha_bar = scheduler.alphas_cumprod.double()
+        snr = alpha_bar / (1 - alpha_bar)
+        assert snr[999] == 0
+        held = snr[timesteps].clamp(min=snr[998])  # t = 998 has the smallest positive SNR
+        weights = 1 / (snr[timesteps] + 1) if prediction_type == "v_prediction" else 1 / held.sqrt()
+        loss = diffusion_loss(prediction, target, timesteps, scheduler, None, debiased=True)
+        assert torch.isfinite(loss)
+        torch.testing.assert_close(loss.double(), (per_sample * weights).mean(), rtol=1e-4, atol=1e-7)
+
+
+def test_max_norm_scales_only_the_layers_above_it_and_keeps_their_direction():
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Conv2d(3, 4, 3))
+    inject_adapter_in_model(LoraConfig(r=2, lora_alpha=4, target_modules=["0", "1"]), model)  # scale 2
+    torch.manual_seed(0)
+    for layer, size in ((model[0], 1.0), (model[1], 1e-3)):  # the conv's change stays far below the limit
+        for factor in (layer.lora_A["default"], layer.lora_B["default"]):
+            factor.weight.data = torch.randn_like(factor.weight) * size
+    delta = [2 * layer.lora_B["default"].weight.flatten(1) @ layer.lora_A["default"].weight.flatten(1) for layer in model]
+    conv_before = [p.clone() for p in model[1].parameters()]
+    assert delta[0].norm() > 0.5 > delta[1].norm()
+    scaled, largest = apply_max_norm({"unet": model}, 0.5)
+    after = 2 * model[0].lora_B["default"].weight @ model[0].lora_A["default"].weight
+    torch.testing.assert_close(after, delta[0] * 0.5 / delta[0].norm())
+    assert all(torch.equal(p, q) for p, q in zip(model[1].parameters(), conv_before))
+    assert scaled == 1 and largest == pytest.approx(0.5)
+
+
+def test_scale_weight_norms_bounds_every_layer_of_the_trained_lora(tmp_path):
+    draw_images(tmp_path / "images", [(64, 64)])
+    result = train(options(tmp_path, unet_targets=BLOCK_TARGETS, learning_rate=1e-1, max_train_steps=3,
+                           scale_weight_norms=0.02))  # fmt: skip
+    norms = [float(delta.norm()) for delta in diffusers_deltas(result.lora_path).values()]
+    assert max(norms) <= 0.02 * (1 + 1e-4) and max(norms) > 0.019  # the bound was reached, and held
+
+
+def test_validation_at_start_draws_the_base_models_images_and_leaves_the_training_unchanged(tmp_path):
+    draw_images(tmp_path / "images", [(64, 64)])
+    common = dict(validation_prompt=PROMPT, num_validation_images=1, inference_steps=2, validation_steps=2,
+                  learning_rate=1e-2)  # fmt: skip
+    at_start = train(options(tmp_path, output_dir=tmp_path / "a", validation_at_start=True, **common))
+    without = train(options(tmp_path, output_dir=tmp_path / "b", **common))
+    assert sorted(p.name for p in (tmp_path / "a" / "validation").iterdir()) == [
+        "step-000000-0.png", "step-000002-0.png"
+    ]  # fmt: skip
+    base = tiny_sd_pipeline()
+    expected = base(PROMPT, num_inference_steps=2, height=64, width=64, output_type="np",
+                    generator=torch.Generator().manual_seed(0)).images[0]  # fmt: skip
+    drawn = np.asarray(Image.open(tmp_path / "a" / "validation" / "step-000000-0.png")).astype(np.float64) / 255
+    assert np.abs(drawn - expected).max() <= 1 / 255 + 1e-6  # the LoRA starts as no change: the base model's image
+    for key, tensor in load_file(at_start.lora_path).items():
+        assert torch.equal(tensor, load_file(without.lora_path)[key]), key
+
+
+def test_metadata_options_reach_the_file(tmp_path):
+    draw_images(tmp_path / "images", [(64, 64)])
+    result = train(options(tmp_path, training_comment="first try", metadata_title="Star", metadata_author="me",
+                           metadata_license="CC-BY-4.0", metadata_tags="shape,star", max_timestep=600))  # fmt: skip
+    metadata = lora_metadata(result.lora_path)
+    assert metadata["ss_training_comment"] == "first try"
+    assert (metadata["modelspec.title"], metadata["modelspec.author"]) == ("Star", "me")
+    assert (metadata["modelspec.license"], metadata["modelspec.tags"]) == ("CC-BY-4.0", "shape,star")
+    assert metadata["modelspec.timestep_range"] == "0,600"
 
 
 def test_timesteps_are_drawn_only_from_the_range_asked_for(tmp_path, monkeypatch):
