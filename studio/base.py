@@ -150,11 +150,7 @@ def _load_hub_id(hub_id: str) -> DiffusionPipeline:
 def _load_single_file(path: Path, config: str | Path | None, allow_pickle: bool) -> DiffusionPipeline:
     suffix = path.suffix.lower()
     if suffix in PICKLE_SUFFIXES:
-        if not allow_pickle:
-            raise StudioError(
-                f"{path}: {suffix} checkpoints are pickles that can run code; convert it to .safetensors, "
-                "or opt in with allow_pickle=True / --allow-pickle (read with weights_only=True)"
-            )
+        refuse_pickle(path, allow_pickle)
         pipeline_class = StableDiffusionPipeline  # the keys are unknown until diffusers unpickles it
     elif suffix == ".safetensors":
         pipeline_class = _single_file_pipeline_class(path)
@@ -171,6 +167,15 @@ def _load_single_file(path: Path, config: str | Path | None, allow_pickle: bool)
         else:
             hint = f"loading with config {config} failed: {_first_line(error)}"
         raise StudioError(f"{path}: {hint}") from error
+
+
+def refuse_pickle(path: Path, allow_pickle: bool) -> None:
+    """A `.ckpt`/`.pt`/`.pth`/`.bin` checkpoint is read only with the explicit opt-in (callers check early)."""
+    if path.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
+        raise StudioError(
+            f"{path}: {path.suffix.lower()} checkpoints are pickles that can run code; convert it to .safetensors, "
+            "or opt in with allow_pickle=True / --allow-pickle (read with weights_only=True)"
+        )
 
 
 def _single_file_pipeline_class(path: Path) -> type[DiffusionPipeline]:

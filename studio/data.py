@@ -29,7 +29,7 @@ from studio.prompts import encode_prompts
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-KOHYA_CONCEPT_FOLDER = re.compile(r"^([1-9][0-9]*)_(.*\S.*)$")  # kohya's "10_sks dog": 10 repeats, prompt "sks dog"
+KOHYA_CONCEPT_FOLDER = re.compile(r"^([0-9]+)_(.*)$")  # kohya's "10_sks dog": 10 repeats, prompt "sks dog"
 
 
 @dataclass(frozen=True)
@@ -43,13 +43,21 @@ class ImageRecord:
     repeats: int = 1
 
 
-def concept_folders(folder: Path) -> list[tuple[Path, str, int]]:
-    """The subfolders of `folder` named kohya's way, `N_prompt`, as (path, prompt, N), sorted by name."""
+def concept_folders(folder: Path, warn: bool = False) -> list[tuple[Path, str, int]]:
+    """The subfolders of `folder` named kohya's way, `N_prompt`, as (path, prompt, N), sorted by name; N is
+    read as kohya reads it (`05_x` is 5). Those with N = 0 or no prompt are left out, with a warning when
+    `warn`: kohya would train nothing from the first, and the second names no prompt."""
     found = []
     for path in sorted(p for p in folder.iterdir() if p.is_dir()):
         match = KOHYA_CONCEPT_FOLDER.match(path.name)
-        if match:
-            found.append((path, match[2].strip(), int(match[1])))
+        if not match:
+            continue
+        repeats, prompt = int(match[1]), match[2].strip()
+        if repeats and prompt:
+            found.append((path, prompt, repeats))
+        elif warn:
+            reason = "0 repeats" if not repeats else "no prompt after the underscore"
+            logger.warning("%s: skipping the kohya-style folder %s (%s)", folder, path.name, reason)
     return found
 
 
@@ -68,12 +76,14 @@ def scan_images(
     readable image (when `required`: class folders may start empty, they get generated) or an image with no
     prompt at all is a `StudioError`.
     """
+    if folder.exists() and not folder.is_dir():
+        raise StudioError(f"{folder}: is a file, not a {what} folder")
     if not folder.is_dir():
         if required:
             raise StudioError(f"{folder}: {what} folder not found")
         return []
     records, unreadable, unprompted = [], [], []
-    for source, prompt, repeats in [(folder, default_prompt, 1), *concept_folders(folder)]:
+    for source, prompt, repeats in [(folder, default_prompt, 1), *concept_folders(folder, warn=True)]:
         for path in sorted(p for p in source.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
             name = str(path.relative_to(folder))
             try:
@@ -110,10 +120,14 @@ def scan_images(
 
 
 def _caption(image_path: Path, extension: str) -> str | None:
+    """The caption file's text; a byte-order mark (Windows Notepad writes one) is not part of it."""
     caption_path = image_path.with_suffix(extension)
     if not caption_path.is_file():
         return None
-    return caption_path.read_text(encoding="utf-8").strip() or None
+    try:
+        return caption_path.read_text(encoding="utf-8-sig").strip() or None
+    except UnicodeDecodeError:
+        raise StudioError(f"{caption_path}: the caption is not UTF-8 text; save it as UTF-8") from None
 
 
 def bucket_sizes(
@@ -252,7 +266,7 @@ def load_pixels(
     """Image at `path` resized to cover `target` (height, width), cropped to it, maybe flipped, as a
     (3, H, W) tensor in [-1, 1]; also the crop's top-left corner (SDXL conditions on it)."""
     with Image.open(path) as image:
-        image = ImageOps.exif_transpose(image).convert("RGB")
+        image = as_rgb(ImageOps.exif_transpose(image))
     height, width = covering_size((image.height, image.width), target)
     image = image.resize((width, height), Image.Resampling.LANCZOS)
     if crop == "random":
@@ -264,6 +278,17 @@ def load_pixels(
         image = ImageOps.mirror(image)
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
     return pixels, (top, left)
+
+
+def as_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB. Pillow's own conversion clips 16-bit greyscale (PNG's "I;16", or "I" holding values above
+    255) at 255, which turns most of such an image white: those are scaled from 0..65535 instead."""
+    if image.mode.startswith("I"):
+        values = np.asarray(image, dtype=np.float64)
+        if image.mode != "I" or values.max() > 255:
+            values = values / 257.0
+        image = Image.fromarray(np.clip(np.round(values), 0, 255).astype(np.uint8), mode="L")
+    return image.convert("RGB")
 
 
 def collate(items: list[dict]) -> dict:

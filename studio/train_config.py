@@ -12,6 +12,7 @@ need the disk (folders, images, the output folder) are the trainer's, and still 
 from __future__ import annotations
 
 import argparse
+import math
 import tomllib
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
@@ -39,6 +40,7 @@ SAVE_PRECISIONS = ("fp32", "fp16", "bf16")
 CROPS = ("center", "random")
 REPORT_TO = ("auto", "none", "tensorboard", "wandb")
 DEFAULT_TEXT_ENCODER_LR = 5e-6
+POLYNOMIAL_LR_END = 1e-7  # where diffusers' polynomial schedule ends (get_scheduler's default lr_end)
 LR_SCHEDULERS = tuple(s.value for s in SchedulerType if s.value != "piecewise_constant")
 
 # Options that change how a run is watched or stored, not what it learns: a folder holding a run that
@@ -51,6 +53,9 @@ NOT_PART_OF_RUN = frozenset({
     "base_config", "allow_pickle", "save_precision", "output_name", "validation_at_start", "training_comment",
     "metadata_title", "metadata_author", "metadata_description", "metadata_license", "metadata_tags",
 })  # fmt: skip
+
+# Options that name local files or folders (--base may also be a hub id or a built-in model).
+RUN_PATHS = ("base", "instance_dir", "class_dir", "init_from", "validation_prompts_file")
 
 # Lengths given in optimizer steps or in epochs (diffusers' and kohya's scripts take both): steps option ->
 # (epochs option, steps when neither is given). The trainer turns epochs into steps once the data is known.
@@ -416,8 +421,29 @@ class TrainConfig:
                      "num_validation_images", "inference_steps", "sample_batch_size"):  # fmt: skip
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise StudioError(f"--{_flag(name)} {getattr(self, name)}: must be at least 1")
+        for option in fields(self):  # NaN and infinity pass every comparison below, or fail late
+            value = getattr(self, option.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise StudioError(f"--{_flag(option.name)} {value}: must be a finite number")
         if self.learning_rate <= 0 or self.text_encoder_lr <= 0:
             raise StudioError("--learning-rate and --text-encoder-lr must be positive")
+        if self.lr_scheduler == "polynomial" and min(self.learning_rate, self.text_encoder_lr) <= POLYNOMIAL_LR_END:
+            raise StudioError(
+                f"--lr-scheduler polynomial decays to {POLYNOMIAL_LR_END:g}: --learning-rate and --text-encoder-lr "
+                "must be above that"
+            )
+        if not 0 <= self.seed < 2**32:
+            raise StudioError(f"--seed {self.seed}: must be from 0 to 2**32 - 1")
+        for name in ("lr_warmup_steps", "dataloader_num_workers", "min_timestep", "adam_epsilon", "adam_weight_decay",
+                     "adam_weight_decay_text_encoder", "noise_offset", "prior_loss_weight"):  # fmt: skip
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise StudioError(f"--{_flag(name)} {getattr(self, name)}: must be 0 or more")
+        for name in ("alpha", "conv_alpha", "snr_gamma", "max_grad_norm", "lr_power", "lr_num_cycles"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise StudioError(f"--{_flag(name)} {getattr(self, name)}: must be positive")
+        for name in ("adam_beta1", "adam_beta2", "prodigy_beta3"):
+            if getattr(self, name) is not None and not 0 <= getattr(self, name) < 1:
+                raise StudioError(f"--{_flag(name)} {getattr(self, name)}: must be in [0, 1)")
         if not 0.0 <= self.dropout < 1.0:
             raise StudioError(f"--dropout {self.dropout}: must be in [0, 1)")
         name = self.output_name
@@ -496,6 +522,16 @@ class TrainConfig:
         """The options that decide what is learned: two runs with equal identities are the same run."""
         return {k: v for k, v in self.to_dict().items() if k not in NOT_PART_OF_RUN}
 
+    def differences_from(self, previous: dict[str, Any]) -> list[str]:
+        """The options that decide what is learned on which this run and `previous` (a stored `to_dict`)
+        differ. Paths count by where they lead, so the same folder typed another way, or from another working
+        directory, is the same; options added since `previous` was stored count at their defaults."""
+        defaults = option_defaults()
+        return sorted(
+            name for name, value in self.run_identity().items()
+            if _where(name, previous.get(name, defaults.get(name))) != _where(name, value)
+        )  # fmt: skip
+
 
 def option_defaults() -> dict[str, Any]:
     """Each option's default value (list options included): what a run described before that option existed used."""
@@ -504,6 +540,14 @@ def option_defaults() -> dict[str, Any]:
         for option in fields(TrainConfig)
         if not _required(option)
     }
+
+
+def _where(name: str, value: Any) -> Any:
+    """A path option's value as the absolute path it names (a --base that is no local path stays as it is)."""
+    if name not in RUN_PATHS or not isinstance(value, str):
+        return value
+    path = Path(value).expanduser()
+    return str(path.resolve()) if name != "base" or path.exists() else value
 
 
 def _name_list(value: str | list[str]) -> list[str]:
@@ -644,9 +688,11 @@ def _field_type(annotation: str) -> type:
 def read_config_file(path: Path) -> dict[str, Any]:
     """Keys of a TOML or YAML file, with dashes turned into underscores; unknown keys are an error."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except OSError as error:
         raise StudioError(f"{path}: cannot read config file ({error.strerror})") from None
+    except UnicodeDecodeError:
+        raise StudioError(f"{path}: the config file is not UTF-8 text; save it as UTF-8") from None
     try:
         if path.suffix.lower() == ".toml":
             values = tomllib.loads(text)
@@ -685,6 +731,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
     if unknown:
         raise _foreign_flag_error(unknown, f"{path}: ")
     parsers = {option.name: option.metadata["parse"] for option in fields(TrainConfig) if "parse" in option.metadata}
+    optional = {option.name for option in fields(TrainConfig) if option.default is None}
     for name, value in values.items():
         if name in parsers and isinstance(value, str):
             try:
@@ -692,6 +739,8 @@ def read_config_file(path: Path) -> dict[str, Any]:
             except argparse.ArgumentTypeError as error:
                 raise StudioError(f"{path}: {name} = {value!r}: {error}") from None
         else:
+            if value is None and name not in optional:
+                raise StudioError(f"{path}: {name} has no value (null); give one, or leave the key out")
             values[name] = _coerce(path, name, value, types[name], name in lists)
     return values
 

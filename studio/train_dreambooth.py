@@ -43,7 +43,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from PIL import Image
 from tqdm.auto import tqdm
 
-from studio.base import DTYPES, BaseModel, load_base, pick_device_dtype
+from studio.base import DTYPES, BaseModel, load_base, pick_device_dtype, refuse_pickle
 from studio.data import (
     BucketBatchSampler,
     DreamBoothDataset,
@@ -71,7 +71,6 @@ from studio.train_config import (
     UNET_TARGETS,
     TrainConfig,
     names_module,
-    option_defaults,
     parse_config,
 )
 from studio.validation_prompts import ValidationImage, validation_images_wanted
@@ -147,6 +146,8 @@ def train(config: TrainConfig, base: BaseModel | None = None) -> TrainResult:
     resume_dir = find_resume_checkpoint(config)
     initial_lora = read_initial_lora(config) if resume_dir is None else None  # a resumed run has its weights
     optimizer_class = optimizer_class_for(config.optimizer)
+    refuse_pickle(Path(config.base), config.allow_pickle)
+    make_output_dir(config)
 
     accelerator = make_accelerator(config)
 
@@ -418,25 +419,35 @@ def train(config: TrainConfig, base: BaseModel | None = None) -> TrainResult:
 
 
 def check_output_dir(config: TrainConfig) -> None:
-    """An output folder must be new, empty, or hold this same run (to resume or extend it)."""
+    """An output folder must be new, empty (hidden files such as .DS_Store aside), or hold this same run (to
+    resume or extend it)."""
     folder = config.output_dir
     if folder.exists() and not folder.is_dir():
         raise StudioError(f"{folder}: output dir is a file")
-    if not folder.is_dir() or not any(folder.iterdir()):
+    if not folder.is_dir() or not any(not p.name.startswith(".") for p in folder.iterdir()):
         return
-    run_file = folder / RUN_FILE
-    if not run_file.is_file():
+    if not (folder / RUN_FILE).is_file():
         raise StudioError(f"{folder}: output dir is not empty and holds no training run; pick a new or empty folder")
-    try:
-        previous = json.loads(run_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        raise StudioError(f"{run_file}: unreadable run description; pick a new or empty output dir") from None
-    current, defaults = config.run_identity(), option_defaults()
-    differing = sorted(k for k in current if previous.get(k, defaults.get(k)) != current[k])
+    differing = config.differences_from(read_run_file(folder / RUN_FILE))
     if differing:
         raise StudioError(
             f"{folder}: output dir holds a different run ({', '.join(differing)} differ); pick a new output dir"
         )
+
+
+def read_run_file(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise StudioError(f"{path}: unreadable run description; pick a new or empty output dir") from None
+
+
+def make_output_dir(config: TrainConfig) -> None:
+    """Create the output folder now, the last of the checks, so a path it cannot be made at is one line."""
+    try:
+        config.output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise StudioError(f"{config.output_dir}: cannot create the output dir ({error.strerror})") from None
 
 
 def read_initial_lora(config: TrainConfig) -> LoraFile | None:
@@ -563,6 +574,13 @@ def find_resume_checkpoint(config: TrainConfig) -> Path | None:
         path = config.output_dir / path
     if not path.is_dir() or not CHECKPOINT.match(path.name):
         raise StudioError(f"{config.resume_from_checkpoint}: no such checkpoint folder (checkpoint-N)")
+    if path.parent.resolve() != config.output_dir.resolve():  # another run's: it must be this same run
+        run_file = path.parent / RUN_FILE
+        if not run_file.is_file():
+            raise StudioError(f"{path}: no {RUN_FILE} beside it, so not a checkpoint of a run of this trainer")
+        differing = config.differences_from(read_run_file(run_file))
+        if differing:
+            raise StudioError(f"{path}: a checkpoint of a different run ({', '.join(differing)} differ)")
     return path
 
 
@@ -950,13 +968,18 @@ def save_lora(
     Keys are in peft naming (`unet.<module>.lora_A.weight`), which diffusers loads natively. Not passed
     through `convert_state_dict_to_diffusers` as diffusers' scripts do: that renames attention projections
     only (`to_k.lora.down`), and diffusers then silently skips them in a file that also adapts other layers.
-    Text-encoder paths get the `text_model.` prefix of the transformers-4 layout, which every tool reads."""
+    Text-encoder paths get the `text_model.` prefix of the transformers-4 layout, which every tool reads, and
+    DoRA magnitudes there a `.weight` suffix, without which transformers 5 leaves them at their initial values."""
     pipeline_class = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
     layers, settings = {}, {}
     for name, module in trained.items():
         state, lora_settings = exported_adapter(module, initial_state[name] if initial_state else None)
-        if name != "unet":
-            state = {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in state.items()}
+        if name != "unet":  # transformers 5 loads DoRA magnitudes only as `...lora_magnitude_vector.weight`
+            state = {
+                ("" if k.startswith("text_model.") else "text_model.") + k
+                + (".weight" if k.endswith("lora_magnitude_vector") else ""): v
+                for k, v in state.items()
+            }  # fmt: skip
         layers[f"{name}_lora_layers"] = state
         settings[f"{name}_lora_adapter_metadata"] = lora_settings
     staging_name = f".{LORA_FILE}.{os.getpid()}.staging"

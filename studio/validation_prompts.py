@@ -12,6 +12,7 @@ its mistakes are one-line errors naming the line.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,7 +59,7 @@ def read_prompt_file(path: Path, seed: int) -> list[ValidationImage]:
     if path.suffix.lower() != ".txt":
         raise StudioError(f"{path}: prompt files are text files, one prompt per line (kohya's .txt format)")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
     except OSError as error:
         raise StudioError(f"{path}: cannot read the prompt file ({error.strerror})") from None
     except UnicodeDecodeError:
@@ -93,4 +94,8 @@ def _parse_line(line: str, where: str, seed: int) -> ValidationImage:
             raise StudioError(f"{where}: the {name} {values[name]} is not a positive multiple of 8")
     if values.get("steps", 1) < 1:
         raise StudioError(f"{where}: --s {values['steps']} should be at least 1")
+    if not 0 <= values["seed"] < 2**32:
+        raise StudioError(f"{where}: --d {values['seed']} should be a seed from 0 to 2**32 - 1")
+    if "guidance_scale" in values and not 0 <= values["guidance_scale"] < math.inf:
+        raise StudioError(f"{where}: --l {values['guidance_scale']} should be a guidance scale of 0 or more")
     return ValidationImage(**values)

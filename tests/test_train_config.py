@@ -207,6 +207,24 @@ def test_bad_config_files_name_the_file_and_the_problem(tmp_path, content, messa
     assert message in str(error.value)
 
 
+def test_config_files_in_utf8_with_a_byte_order_mark_are_read_and_others_named(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_bytes("\ufeffinstance_prompt = 'un café'\n".encode("utf-8"))  # as Windows Notepad saves it
+    assert parse_config(["--config", str(path), "--instance-dir", "imgs", "--output-dir", "o"]).instance_prompt == "un café"
+    path.write_bytes("instance_prompt = 'un café'\n".encode("latin-1"))
+    with pytest.raises(StudioError, match=r"run.toml: the config file is not UTF-8 text"):
+        parse_config(["--config", str(path)] + REQUIRED)
+
+
+def test_a_null_in_yaml_names_the_option(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("learning_rate: null\nvalidation_prompt: null\n")  # the second may be unset: it is optional
+    with pytest.raises(StudioError, match=r"run.yaml: learning_rate has no value \(null\); give one, or leave"):
+        parse_config(["--config", str(path)] + REQUIRED)
+    path.write_text("validation_prompt: null\n")
+    assert parse_config(["--config", str(path)] + REQUIRED).validation_prompt is None
+
+
 def test_missing_required_options_are_named():
     with pytest.raises(StudioError, match="--instance-dir, --output-dir"):
         parse_config(["--instance-prompt", "x"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 
@@ -51,7 +52,7 @@ def test_the_caption_extension_picks_which_file_beside_the_image_is_the_caption(
     assert scan_images(tmp_path, "x", caption_extension=".tags")[0].prompt == "x"
 
 
-def test_kohya_style_subfolders_add_their_images_with_their_repeats_and_prompt(tmp_path):
+def test_kohya_style_subfolders_add_their_images_with_their_repeats_and_prompt(tmp_path, caplog):
     gradient_image(tmp_path / "top.png", 16, 16)
     (tmp_path / "top.txt").write_text("a captioned one")
     concept = tmp_path / "3_sks dog"
@@ -59,18 +60,26 @@ def test_kohya_style_subfolders_add_their_images_with_their_repeats_and_prompt(t
     for name in ("a", "b"):
         gradient_image(concept / f"{name}.png", 16, 16)
     (concept / "b.txt").write_text("sks dog, running")
+    leading_zero = tmp_path / "02_sks cat"  # kohya reads 02 as 2
+    leading_zero.mkdir()
+    gradient_image(leading_zero / "c.png", 16, 16)
     for ignored in ("notes", "0_zero repeats", "5_"):  # not N_PROMPT with N >= 1 and a prompt
         (tmp_path / ignored).mkdir()
         gradient_image(tmp_path / ignored / "x.png", 16, 16)
-    records = scan_images(tmp_path, None)  # every top-level image has a caption: no prompt needed
+    with caplog.at_level(logging.WARNING):
+        records = scan_images(tmp_path, None)  # every top-level image has a caption: no prompt needed
     assert [(str(r.path.relative_to(tmp_path)), r.prompt, r.repeats) for r in records] == [
-        ("top.png", "a captioned one", 1), ("3_sks dog/a.png", "sks dog", 3), ("3_sks dog/b.png", "sks dog, running", 3),
+        ("top.png", "a captioned one", 1), ("02_sks cat/c.png", "sks cat", 2), ("3_sks dog/a.png", "sks dog", 3),
+        ("3_sks dog/b.png", "sks dog, running", 3),
     ]  # fmt: skip
+    assert "skipping the kohya-style folder 0_zero repeats (0 repeats)" in caplog.text
+    assert "skipping the kohya-style folder 5_ (no prompt after the underscore)" in caplog.text
+    assert "notes" not in caplog.text
 
     dataset = DreamBoothDataset(records, None, [(16, 16)], repeats=2)
     shown = [example.instance for example in dataset.examples]
-    assert len(shown) == (1 + 3 + 3) * 2
-    assert [shown.count(i) for i in range(3)] == [2, 6, 6]
+    assert len(shown) == (1 + 2 + 3 + 3) * 2
+    assert [shown.count(i) for i in range(4)] == [2, 4, 6, 6]
 
 
 def test_equal_repeats_keep_the_round_robin_order_runs_were_trained_with(tmp_path):
@@ -78,6 +87,24 @@ def test_equal_repeats_keep_the_round_robin_order_runs_were_trained_with(tmp_pat
         gradient_image(tmp_path / f"{name}.png", 16, 16)
     dataset = DreamBoothDataset(scan_images(tmp_path, "x"), None, [(16, 16)], repeats=4)
     assert [example.instance for example in dataset.examples] == [i % 3 for i in range(12)]
+
+
+def test_a_caption_loses_its_byte_order_mark_and_one_not_in_utf8_is_named(tmp_path):
+    gradient_image(tmp_path / "a.png", 16, 16)
+    (tmp_path / "a.txt").write_bytes("\ufeffsks dog, running".encode("utf-8"))  # as Windows Notepad saves it
+    assert scan_images(tmp_path, "x")[0].prompt == "sks dog, running"
+    (tmp_path / "a.txt").write_bytes("café".encode("latin-1"))
+    with pytest.raises(StudioError, match=r"a\.txt: the caption is not UTF-8 text; save it as UTF-8$"):
+        scan_images(tmp_path, "x")
+
+
+def test_sixteen_bit_images_are_scaled_to_eight_bits_not_clipped(tmp_path):
+    ramp = np.linspace(0, 65535, 16 * 16).reshape(16, 16).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    pixels, _ = load_pixels(tmp_path / "deep.png", (16, 16), "center", False, random.Random(0))
+    expected = np.round(ramp / 257.0) / 127.5 - 1.0  # the same picture at 8 bits, in [-1, 1]
+    for channel in pixels:
+        np.testing.assert_allclose(channel.numpy(), expected, atol=1e-6)
 
 
 def test_an_image_with_no_prompt_at_all_is_named(tmp_path):

@@ -729,6 +729,22 @@ def test_dora_rslora_loraplus_gaussian_train_and_load_in_plain_diffusers(tmp_pat
     assert np.abs(images(pipe) - base_images).max() > 1e-4
 
 
+def test_dora_text_encoder_magnitudes_load_in_plain_diffusers(tmp_path):
+    draw_images(tmp_path / "images", [(64, 64)])
+    result = train(options(tmp_path, dora=True, train_text_encoder=True, learning_rate=1e-2, text_encoder_lr=1e-2,
+                           max_train_steps=3))  # fmt: skip
+    saved = {k: v for k, v in load_file(result.lora_path).items() if k.startswith("text_encoder.") and "magnitude" in k}
+    pipe = tiny_sd_pipeline()
+    initial = {name: layer.weight.norm(dim=1) for name, layer in pipe.text_encoder.named_modules() if name.endswith("proj")}
+    pipe.load_lora_weights(tmp_path / "out")
+    assert len(saved) == 20  # q, k, v, out of five layers
+    for key, magnitude in saved.items():
+        module = key.removeprefix("text_encoder.text_model.").split(".lora_magnitude_vector")[0]
+        [loaded] = pipe.text_encoder.get_submodule(module).lora_magnitude_vector.values()
+        assert not torch.allclose(magnitude, initial[module])  # trained: not where DoRA starts
+        torch.testing.assert_close(loaded.weight, magnitude, msg=module)
+
+
 # ---- the loss ----------------------------------------------------------------------------------------------
 
 
@@ -984,6 +1000,12 @@ def bad_input_cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
     (tmp / "not-a-run").mkdir()
     (tmp / "not-a-run" / "notes.txt").write_text("mine")
     (tmp / "prompts.txt").write_text("a sks shape --w 100\n")
+    (tmp / "seed.txt").write_text("a sks shape --d 99999999999999999999\n")
+    (tmp / "latin1").mkdir()
+    draw_images(tmp / "latin1", [(64, 64)])
+    (tmp / "latin1" / "star-0.txt").write_bytes("un café".encode("latin-1"))
+    (tmp / "elsewhere" / "checkpoint-4").mkdir(parents=True)  # another folder's run, at another rank
+    (tmp / "elsewhere" / RUN_FILE).write_text(json.dumps({**options(tmp, instance_dir=good).to_dict(), "rank": 8}))
     return {
         "missing instance dir": (["--instance-dir", str(tmp / "nope")], "folder not found"),
         "empty instance dir": (["--instance-dir", str(tmp / "empty")], "holds no images"),
@@ -1008,6 +1030,35 @@ def bad_input_cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
             ["--instance-dir", str(good), "--sample_prompts", str(tmp / "prompts.txt")],
             "prompts.txt line 1: the width 100 is not a positive multiple of 8",
         ),
+        "prompt file seed": (
+            ["--instance-dir", str(good), "--sample_prompts", str(tmp / "seed.txt")],
+            "seed.txt line 1: --d 99999999999999999999 should be a seed from 0 to 2**32 - 1",
+        ),
+        "caption not utf-8": (["--instance-dir", str(tmp / "latin1")], "star-0.txt: the caption is not UTF-8 text"),
+        "class dir is a file": (
+            ["--instance-dir", str(good), "--with-prior-preservation", "--class-prompt", "a shape",
+             "--class-dir", str(good / "star-0.png")], "star-0.png: is a file, not a class folder",
+        ),  # fmt: skip
+        "output dir inside a file": (
+            ["--instance-dir", str(good), "--output-dir", str(good / "star-0.png" / "out")],
+            "cannot create the output dir",
+        ),
+        "another run's checkpoint": (
+            ["--instance-dir", str(good), "--resume-from-checkpoint", str(tmp / "elsewhere" / "checkpoint-4")],
+            "checkpoint-4: a checkpoint of a different run (rank differ)",
+        ),
+        "seed": (["--instance-dir", str(good), "--seed", "-1"], "--seed -1: must be from 0 to 2**32 - 1"),
+        "not a number": (["--instance-dir", str(good), "--learning-rate", "nan"], "--learning-rate nan: must be a finite"),
+        "beta": (["--instance-dir", str(good), "--adam-beta1", "1.5"], "--adam-beta1 1.5: must be in [0, 1)"),
+        "workers": (["--instance-dir", str(good), "--dataloader-num-workers", "-1"], "must be 0 or more"),
+        "power": (
+            ["--instance-dir", str(good), "--lr-scheduler", "polynomial", "--lr-power", "-1"],
+            "--lr-power -1.0: must be positive",
+        ),
+        "polynomial end": (
+            ["--instance-dir", str(good), "--lr-scheduler", "polynomial", "--learning-rate", "1e-8"],
+            "polynomial decays to 1e-07",
+        ),
     }
 
 
@@ -1015,7 +1066,9 @@ def bad_input_cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
     "case",
     ["missing instance dir", "empty instance dir", "no readable image", "resolution", "rank", "unet target",
      "text encoder target", "different run", "foreign folder", "missing checkpoint", "prior without class",
-     "unknown flag value", "caption dropout", "prompt file"],
+     "unknown flag value", "caption dropout", "prompt file", "prompt file seed", "caption not utf-8",
+     "class dir is a file", "output dir inside a file", "another run's checkpoint", "seed", "not a number", "beta",
+     "workers", "power", "polynomial end"],
 )  # fmt: skip
 def test_bad_input_is_one_line_and_exit_code_2_before_any_model_loads(case, tmp_path, capsys, no_model_loading):
     arguments, expected = bad_input_cases(tmp_path)[case]
@@ -1024,6 +1077,24 @@ def test_bad_input_is_one_line_and_exit_code_2_before_any_model_loads(case, tmp_
     error = capsys.readouterr().err.strip()
     assert error.startswith("error: ") and "\n" not in error
     assert expected in error
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_an_output_dir_holding_only_hidden_files_counts_as_empty(tmp_path):
+    draw_images(tmp_path / "images", [(64, 64)])
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / ".DS_Store").write_bytes(b"\0")
+    check_output_dir(options(tmp_path))
+
+
+def test_the_same_folders_typed_another_way_are_the_same_run(tmp_path, monkeypatch):
+    draw_images(tmp_path / "images", [(64, 64)])
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / RUN_FILE).write_text(json.dumps(options(tmp_path).to_dict()))  # absolute paths
+    monkeypatch.chdir(tmp_path / "out")
+    check_output_dir(options(tmp_path, instance_dir=Path("../images")))
+    with pytest.raises(StudioError, match=r"different run \(instance_dir differ\)"):
+        check_output_dir(options(tmp_path, instance_dir=Path("../out")))
 
 
 def test_unreadable_files_are_skipped_with_a_warning_naming_them(tmp_path, caplog):

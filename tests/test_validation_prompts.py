@@ -43,6 +43,8 @@ def test_a_prompt_file_line_carries_kohyas_options(tmp_path, caplog):
         ("a dog\n --n cat\n", r"prompts.txt line 2: no prompt before the options$"),
         ("a dog --d seven\n", r"prompts.txt line 1: --d 'seven' should be int$"),
         ("a dog --s 0\n", r"prompts.txt line 1: --s 0 should be at least 1$"),
+        ("a dog --d -3\n", r"prompts.txt line 1: --d -3 should be a seed from 0 to 2\*\*32 - 1$"),
+        ("a dog --l nan\n", r"prompts.txt line 1: --l nan should be a guidance scale of 0 or more$"),
     ],
 )
 def test_prompt_file_mistakes_name_the_line(tmp_path, text, message):
