@@ -908,14 +908,24 @@ def save_checkpoint(
     if accelerator.is_main_process:
         with averaged_weights(ema, trainable_parameters(trained)):
             save_lora(staging, trained, initial_state, family, metadata, DTYPES[config.save_precision])
-        if final.exists():
-            shutil.rmtree(final)
+        if final.exists():  # the same step saved again after resuming from an earlier checkpoint
+            remove_checkpoint(final)
         os.replace(staging, final)
         checkpoints = list_checkpoints(config.output_dir)
         if config.checkpoints_total_limit is not None:
             for old in checkpoints[: max(0, len(checkpoints) - config.checkpoints_total_limit)]:
-                shutil.rmtree(old)
+                remove_checkpoint(old)
     accelerator.wait_for_everyone()
+
+
+def remove_checkpoint(folder: Path) -> None:
+    """Rename first, then delete: a kill while deleting leaves a `.removing` folder, never a `checkpoint-N`
+    with files missing that `--resume-from-checkpoint` would pick."""
+    doomed = folder.with_name(f"{folder.name}.removing")
+    if doomed.exists():
+        shutil.rmtree(doomed)
+    os.replace(folder, doomed)
+    shutil.rmtree(doomed)
 
 
 @contextlib.contextmanager

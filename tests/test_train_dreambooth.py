@@ -42,9 +42,11 @@ from studio.train_dreambooth import (
     check_output_dir,
     denoising_target,
     diffusion_loss,
+    list_checkpoints,
     main,
     plan_steps,
     read_initial_lora,
+    remove_checkpoint,
     settings_to_train_further,
     train,
 )
@@ -495,6 +497,23 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert again.keys() == uninterrupted.keys()
     for key in uninterrupted:
         assert torch.equal(again[key], uninterrupted[key]), key
+
+
+def test_a_kill_while_a_checkpoint_is_deleted_never_leaves_a_gutted_checkpoint_to_resume_from(tmp_path, monkeypatch):
+    for step in (2, 4):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        for name in ("model.safetensors", "optimizer.bin", LORA_FILE):
+            (tmp_path / f"checkpoint-{step}" / name).write_bytes(b"x")
+
+    def killed(path, *args, **kwargs):  # the process dies after deleting one file
+        next(Path(path).iterdir()).unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("studio.train_dreambooth.shutil.rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        remove_checkpoint(tmp_path / "checkpoint-4")
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2"]  # "latest" is whole
+    assert len(list((tmp_path / "checkpoint-2").iterdir())) == 3
 
 
 def test_steps_of_an_epoch_count_each_processs_batches_and_accumulation():
