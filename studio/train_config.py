@@ -39,6 +39,8 @@ MIXED_PRECISIONS = ("no", "fp16", "bf16")
 SAVE_PRECISIONS = ("fp32", "fp16", "bf16")
 CROPS = ("center", "random")
 REPORT_TO = ("auto", "none", "tensorboard", "wandb")
+LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")
+HUBER_SCHEDULES = ("snr", "exponential", "constant")
 DEFAULT_TEXT_ENCODER_LR = 5e-6
 POLYNOMIAL_LR_END = 1e-7  # where diffusers' polynomial schedule ends (get_scheduler's default lr_end)
 LR_SCHEDULERS = tuple(s.value for s in SchedulerType if s.value != "piecewise_constant")
@@ -132,8 +134,7 @@ _HINTS = [
      "the text encoders)"),
     (("caption_tag_dropout_rate", "caption_dropout_every_n_epochs", "weighted_captions"),
      "not available (--caption-dropout-rate drops whole captions, --shuffle-caption shuffles tags)"),
-    (("loss_type", "huber_c", "huber_schedule", "huber_scale", "masked_loss", "alpha_mask"),
-     "not available: the loss is mean squared error (--snr-gamma and --debiased-estimation-loss weight it)"),
+    (("masked_loss", "alpha_mask"), "not available: every pixel counts (--loss-type chooses how errors count)"),
     (("fp8_base", "fp8_base_unet"), "not available: use --mixed-precision fp16 or bf16"),
     (("save_n_epoch_ratio",), "use --checkpointing-epochs"),
     (("no_metadata",), "not available: the metadata is how tools describe and load the LoRA; it records folders "
@@ -304,6 +305,16 @@ class TrainConfig:
     snr_gamma: float | None = _option(
         None, "min-SNR weighting gamma (5.0 is usual); off when unset", aliases=("min_snr_gamma",)
     )
+    loss_type: str = _option(
+        "l2", "how the denoising error counts, as kohya's --loss_type: l2 (squared, diffusers' loss), l1, or the "
+        "pseudo-Huber huber / smooth_l1, which weigh large errors less", choices=LOSS_TYPES,
+    )
+    huber_schedule: str = _option(
+        "snr", "huber / smooth_l1: how the threshold c changes with the timestep (kohya's default snr: near 1 "
+        "on clean steps, --huber-c on the noisiest)", choices=HUBER_SCHEDULES,
+    )
+    huber_c: float = _option(0.1, "huber / smooth_l1: the threshold c (kohya's --huber_c)")
+    huber_scale: float = _option(1.0, "huber / smooth_l1: scale of the constant and exponential schedules")
     debiased_estimation_loss: bool = _option(
         False, "weight the loss by 1/sqrt(SNR) (v-prediction: 1/(SNR+1)), kohya's debiased estimation: less weight "
         "on the nearly clean timesteps; SNR is held between the schedule's smallest positive SNR and 1000"
@@ -438,7 +449,8 @@ class TrainConfig:
                      "adam_weight_decay_text_encoder", "noise_offset", "prior_loss_weight"):  # fmt: skip
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise StudioError(f"--{_flag(name)} {getattr(self, name)}: must be 0 or more")
-        for name in ("alpha", "conv_alpha", "snr_gamma", "max_grad_norm", "lr_power", "lr_num_cycles"):
+        for name in ("alpha", "conv_alpha", "snr_gamma", "max_grad_norm", "lr_power", "lr_num_cycles", "huber_c",
+                     "huber_scale"):  # fmt: skip
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise StudioError(f"--{_flag(name)} {getattr(self, name)}: must be positive")
         for name in ("adam_beta1", "adam_beta2", "prodigy_beta3"):
@@ -493,7 +505,8 @@ class TrainConfig:
                 raise StudioError(f"--num-class-images {self.num_class_images}: must be at least 1")
         for name, choices in (("crop", CROPS), ("init", INITS), ("optimizer", OPTIMIZERS),
                               ("mixed_precision", MIXED_PRECISIONS), ("report_to", REPORT_TO),
-                              ("save_precision", SAVE_PRECISIONS),
+                              ("save_precision", SAVE_PRECISIONS), ("loss_type", LOSS_TYPES),
+                              ("huber_schedule", HUBER_SCHEDULES),
                               ("lr_scheduler", LR_SCHEDULERS)):  # fmt: skip
             if getattr(self, name) not in choices:
                 raise StudioError(f"--{_flag(name)} {getattr(self, name)!r}: use one of {', '.join(choices)}")

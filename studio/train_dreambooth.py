@@ -25,7 +25,7 @@ import shutil
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import safetensors.torch
@@ -277,6 +277,10 @@ def train(config: TrainConfig, base: BaseModel | None = None) -> TrainResult:
     batches_to_skip = (global_step % plan.steps_per_epoch) * config.gradient_accumulation_steps
 
     # 8. The loop.
+    loss_settings = LossSettings(
+        snr_gamma=config.snr_gamma, debiased=config.debiased_estimation_loss, loss_type=config.loss_type,
+        huber_schedule=config.huber_schedule, huber_c=config.huber_c, huber_scale=config.huber_scale,
+    )  # fmt: skip
     denoiser = wrapped["unet"]
     encoders_in_loop = [wrapped.get(n, te) for n, te in zip(("text_encoder", "text_encoder_2"), text_encoders)]
     if validation and config.validation_at_start and global_step == 0 and accelerator.is_main_process:
@@ -327,11 +331,10 @@ def train(config: TrainConfig, base: BaseModel | None = None) -> TrainResult:
                 if config.with_prior_preservation:  # instance views first, class views second (see data.collate)
                     model_pred, prior_pred = model_pred.chunk(2)
                     target, prior_target = target.chunk(2)
-                    timesteps = timesteps[: model_pred.shape[0]]
-                    prior_loss = F.mse_loss(prior_pred.float(), prior_target.float())
-                loss = diffusion_loss(
-                    model_pred, target, timesteps, noise_scheduler, config.snr_gamma, config.debiased_estimation_loss
-                )
+                    timesteps, prior_timesteps = timesteps.chunk(2)
+                    unweighted = replace(loss_settings, snr_gamma=None, debiased=False)  # as diffusers' prior loss
+                    prior_loss = diffusion_loss(prior_pred, prior_target, prior_timesteps, noise_scheduler, unweighted)
+                loss = diffusion_loss(model_pred, target, timesteps, noise_scheduler, loss_settings)
                 if prior_loss is not None:
                     loss = loss + config.prior_loss_weight * prior_loss
 
@@ -792,10 +795,22 @@ def denoising_target(noise_scheduler, latents, noise, timesteps) -> torch.Tensor
     return noise
 
 
-def diffusion_loss(
-    model_pred, target, timesteps, noise_scheduler, snr_gamma: float | None, debiased: bool = False
-) -> torch.Tensor:
-    """Mean squared error, optionally weighted per sample (both weights multiply when both are on):
+@dataclass(frozen=True)
+class LossSettings:
+    """How the denoising error becomes the loss (`diffusion_loss`): the error measure (kohya's --loss_type,
+    with its Huber threshold schedule) and the per-sample weights."""
+
+    snr_gamma: float | None = None
+    debiased: bool = False
+    loss_type: str = "l2"
+    huber_schedule: str = "snr"
+    huber_c: float = 0.1
+    huber_scale: float = 1.0
+
+
+def diffusion_loss(model_pred, target, timesteps, noise_scheduler, settings: LossSettings) -> torch.Tensor:
+    """The error of each sample (mean squared by default; see `elementwise_loss`), optionally weighted per
+    sample (both weights multiply when both are on), averaged:
 
     - min-SNR (https://arxiv.org/abs/2303.09556): the x0-loss weighted by min(SNR, gamma), which is the noise
       loss times min(SNR, gamma) / SNR and the velocity loss times min(SNR, gamma) / (SNR + 1). Written so that
@@ -804,23 +819,55 @@ def diffusion_loss(
     - debiased estimation (kohya's; https://arxiv.org/abs/2310.08442): 1 / sqrt(SNR) for the noise loss,
       1 / (SNR + 1) for the velocity loss, with SNR held to [the schedule's smallest positive SNR, 1000] so
       that SNR = 0 and the nearly clean steps keep finite weights."""
-    if snr_gamma is None and not debiased:
+    if settings.loss_type == "l2" and settings.snr_gamma is None and not settings.debiased:
         return F.mse_loss(model_pred.float(), target.float(), reduction="mean")
+    errors = elementwise_loss(model_pred, target, timesteps, noise_scheduler, settings)
+    per_sample = errors.mean(dim=list(range(1, errors.ndim)))
+    if settings.snr_gamma is None and not settings.debiased:
+        return per_sample.mean()
     snr = compute_snr(noise_scheduler, timesteps)
     v_prediction = noise_scheduler.config.prediction_type == "v_prediction"
     weights = torch.ones_like(snr)
-    if snr_gamma is not None:
+    if settings.snr_gamma is not None:
+        gamma = settings.snr_gamma
         if v_prediction:
-            weights = weights * torch.clamp(snr, max=snr_gamma) / (snr + 1)
+            weights = weights * torch.clamp(snr, max=gamma) / (snr + 1)
         else:
-            weights = weights * torch.clamp(snr_gamma / snr, max=1.0)  # = min(SNR, gamma) / SNR; gamma / 0 = inf -> 1
-    if debiased:
+            weights = weights * torch.clamp(gamma / snr, max=1.0)  # = min(SNR, gamma) / SNR; gamma / 0 = inf -> 1
+    if settings.debiased:
         alphas_cumprod = noise_scheduler.alphas_cumprod
         all_snr = alphas_cumprod / (1 - alphas_cumprod)
         held = snr.clamp(min=float(all_snr[all_snr > 0].min()), max=1000.0)
         weights = weights * (1 / (held + 1) if v_prediction else held.rsqrt())
-    loss = F.mse_loss(model_pred.float(), target.float(), reduction="none")
-    return (loss.mean(dim=list(range(1, loss.ndim))) * weights).mean()
+    return (per_sample * weights).mean()
+
+
+def elementwise_loss(model_pred, target, timesteps, noise_scheduler, settings: LossSettings) -> torch.Tensor:
+    """kohya's error measures: squared (l2), absolute (l1), or the pseudo-Huber forms with threshold c,
+    2c(sqrt(d² + c²) - c) ("huber": quadratic for small d, c|d| beyond) and 2(sqrt(d² + c²) - c) ("smooth_l1")."""
+    difference = model_pred.float() - target.float()
+    if settings.loss_type == "l2":
+        return difference**2
+    if settings.loss_type == "l1":
+        return difference.abs()
+    c = huber_threshold(timesteps, noise_scheduler, settings).view(-1, *[1] * (difference.ndim - 1))
+    smooth = torch.sqrt(difference**2 + c**2) - c
+    return 2 * c * smooth if settings.loss_type == "huber" else 2 * smooth
+
+
+def huber_threshold(timesteps: torch.Tensor, noise_scheduler, settings: LossSettings) -> torch.Tensor:
+    """kohya's schedules of the Huber threshold c per sample: "constant" c x scale; "exponential" from scale
+    at t = 0 down to c x scale at the last timestep; "snr" (kohya's default) (1 - c) / (1 + sigma)² + c with
+    sigma = sqrt((1 - alpha_bar) / alpha_bar): near 1 (quadratic) on clean steps, c on the noisiest."""
+    timesteps = timesteps.float()
+    if settings.huber_schedule == "constant":
+        return torch.full_like(timesteps, settings.huber_c * settings.huber_scale)
+    if settings.huber_schedule == "exponential":
+        rate = -math.log(settings.huber_c) / noise_scheduler.config.num_train_timesteps
+        return torch.exp(-rate * timesteps) * settings.huber_scale
+    alphas_cumprod = noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps.long()]
+    sigmas = ((1.0 - alphas_cumprod) / alphas_cumprod).sqrt()
+    return (1 - settings.huber_c) / (1 + sigmas) ** 2 + settings.huber_c
 
 
 @torch.no_grad()
@@ -905,6 +952,7 @@ def save_checkpoint(
         shutil.rmtree(staging)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(staging))
+    accelerator.wait_for_everyone()  # every process has written its RNG state before the folder is renamed
     if accelerator.is_main_process:
         with averaged_weights(ema, trainable_parameters(trained)):
             save_lora(staging, trained, initial_state, family, metadata, DTYPES[config.save_precision])
@@ -1089,6 +1137,13 @@ def lora_metadata(
         "ss_keep_tokens": str(config.keep_tokens),
         "ss_clip_skip": str(config.clip_skip),
         "ss_min_snr_gamma": str(config.snr_gamma),
+        "ss_debiased_estimation": str(config.debiased_estimation_loss),
+        "ss_scale_weight_norms": str(config.scale_weight_norms),
+        "ss_max_grad_norm": str(config.max_grad_norm),
+        "ss_loss_type": config.loss_type,
+        "ss_huber_schedule": config.huber_schedule,
+        "ss_huber_c": str(config.huber_c),
+        "ss_huber_scale": str(config.huber_scale),
         "ss_prior_loss_weight": str(config.prior_loss_weight),
         "ss_output_name": config.output_name or config.output_dir.name,
         "ss_num_train_images": str(sum(image.repeats for image in images) * config.repeats),

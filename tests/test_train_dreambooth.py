@@ -7,6 +7,7 @@ deltas recomputed from the raw tensors, images compared with the base model's.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -36,6 +37,7 @@ from studio.train_config import TrainConfig
 from studio.train_dreambooth import (
     LORA_FILE,
     RUN_FILE,
+    LossSettings,
     StepPlan,
     apply_max_norm,
     build_optimizer,
@@ -789,8 +791,8 @@ def test_min_snr_weighting_caps_each_sample_at_gamma_over_snr():
     snr = alpha_bar / (1 - alpha_bar)
     per_sample = ((prediction - target) ** 2).mean(dim=(1, 2, 3))
     expected = (per_sample * torch.clamp(5.0 / snr, max=1.0)).mean()
-    torch.testing.assert_close(diffusion_loss(prediction, target, timesteps, scheduler, 5.0), expected)
-    torch.testing.assert_close(diffusion_loss(prediction, target, timesteps, scheduler, None), per_sample.mean())
+    torch.testing.assert_close(diffusion_loss(prediction, target, timesteps, scheduler, LossSettings(snr_gamma=5.0)), expected)
+    torch.testing.assert_close(diffusion_loss(prediction, target, timesteps, scheduler, LossSettings()), per_sample.mean())
 
 
 def test_min_snr_weighting_of_velocity_on_a_zero_terminal_snr_schedule_is_finite():
@@ -806,7 +808,7 @@ def test_min_snr_weighting_of_velocity_on_a_zero_terminal_snr_schedule_is_finite
     snr = alpha_bar / (1 - alpha_bar)
     per_sample = ((prediction - target) ** 2).mean(dim=(1, 2, 3)).double()
     expected = (per_sample * torch.minimum(snr, torch.tensor(5.0, dtype=torch.float64)) / (snr + 1)).mean()
-    loss = diffusion_loss(prediction, target, timesteps, scheduler, 5.0)
+    loss = diffusion_loss(prediction, target, timesteps, scheduler, LossSettings(snr_gamma=5.0))
     assert torch.isfinite(loss)
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-7)
 
@@ -819,9 +821,9 @@ def test_debiased_estimation_weights_noise_loss_by_one_over_sqrt_snr_held_to_the
     alpha_bar = torch.cumprod(1 - betas, 0)[timesteps]
     snr = (alpha_bar / (1 - alpha_bar)).clamp(max=1000)  # t = 0: SNR ~ 1175, held to 1000
     per_sample = ((prediction - target) ** 2).mean(dim=(1, 2, 3)).double()
-    loss = diffusion_loss(prediction, target, timesteps, scheduler, None, debiased=True)
+    loss = diffusion_loss(prediction, target, timesteps, scheduler, LossSettings(debiased=True))
     torch.testing.assert_close(loss.double(), (per_sample / snr.sqrt()).mean(), rtol=1e-5, atol=1e-7)
-    with_min_snr = diffusion_loss(prediction, target, timesteps, scheduler, 5.0, debiased=True)
+    with_min_snr = diffusion_loss(prediction, target, timesteps, scheduler, LossSettings(snr_gamma=5.0, debiased=True))
     expected = (per_sample / snr.sqrt() * torch.clamp(5.0 / (alpha_bar / (1 - alpha_bar)), max=1.0)).mean()
     torch.testing.assert_close(with_min_snr.double(), expected, rtol=1e-5, atol=1e-7)
 
@@ -840,9 +842,41 @@ def test_debiased_estimation_on_a_zero_terminal_snr_schedule_is_finite():
         assert snr[999] == 0
         held = snr[timesteps].clamp(min=snr[998])  # t = 998 has the smallest positive SNR
         weights = 1 / (snr[timesteps] + 1) if prediction_type == "v_prediction" else 1 / held.sqrt()
-        loss = diffusion_loss(prediction, target, timesteps, scheduler, None, debiased=True)
+        loss = diffusion_loss(prediction, target, timesteps, scheduler, LossSettings(debiased=True))
         assert torch.isfinite(loss)
         torch.testing.assert_close(loss.double(), (per_sample * weights).mean(), rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "exponential", "snr"])
+def test_huber_losses_follow_kohyas_formulas_and_threshold_schedules(schedule):
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    prediction, target = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    timesteps = torch.tensor([0, 400, 999])
+    c, scale = 0.1, 2.0
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    alpha_bar = torch.cumprod(1 - betas, 0)[timesteps]
+    threshold = {
+        "constant": torch.full((3,), c * scale, dtype=torch.float64),
+        "exponential": scale * c ** (timesteps.double() / 1000),  # scale at t = 0 down to c x scale at t = 1000
+        "snr": (1 - c) / (1 + ((1 - alpha_bar) / alpha_bar).sqrt()) ** 2 + c,
+    }[schedule].view(-1, 1, 1, 1)
+    d = (prediction - target).double()
+    huber = (2 * threshold * ((d**2 + threshold**2).sqrt() - threshold)).mean()
+    smooth = (2 * ((d**2 + threshold**2).sqrt() - threshold)).mean()
+    for loss_type, expected in (("huber", huber), ("smooth_l1", smooth)):
+        settings = LossSettings(loss_type=loss_type, huber_schedule=schedule, huber_c=c, huber_scale=scale)
+        loss = diffusion_loss(prediction, target, timesteps, scheduler, settings)
+        torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-7)
+    l1 = diffusion_loss(prediction, target, timesteps, scheduler, LossSettings(loss_type="l1"))
+    torch.testing.assert_close(l1.double(), d.abs().mean(), rtol=1e-5, atol=1e-7)
+
+
+def test_a_huber_run_trains_and_records_its_loss_in_the_metadata(tmp_path):
+    draw_images(tmp_path / "images", [(64, 64)])
+    result = train(options(tmp_path, loss_type="huber", huber_c=0.2, max_train_steps=3, learning_rate=1e-2))
+    metadata = lora_metadata(result.lora_path)
+    assert (metadata["ss_loss_type"], metadata["ss_huber_schedule"], metadata["ss_huber_c"]) == ("huber", "snr", "0.2")
+    assert all(math.isfinite(loss) for loss in result.losses) and len(result.losses) == 3
 
 
 def test_max_norm_scales_only_the_layers_above_it_and_keeps_their_direction():
