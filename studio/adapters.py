@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import re
 import threading
 from collections.abc import Iterator, Mapping
@@ -354,8 +355,14 @@ class Studio:
         if isinstance(weight, bool) or not isinstance(weight, (int, float, Mapping)):
             raise StudioError(f"adapter {name!r}: weight must be a number or a dict, not {weight!r}")
         if isinstance(weight, (int, float)):
+            if not math.isfinite(weight):
+                raise StudioError(f"adapter {name!r}: weight {weight} is not a finite number")
             return float(weight)
         weight = dict(weight)
+        for part, value in weight.items():
+            for number in value.values() if isinstance(value, Mapping) else [value]:
+                if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number):
+                    raise StudioError(f"adapter {name!r}: weight of {part} must be a finite number, not {number!r}")
         if set(weight) <= set(UNET_BLOCKS):
             weight = {"unet": weight}
         allowed = set(self._lora_components())

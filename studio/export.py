@@ -96,7 +96,9 @@ def export_blend(
     written = temp / out.name
     try:
         with _quiet(), studio.computing(replace(blend, fused=True)) as pipeline:
-            _save(_plain_copy(pipeline, torch_dtype), written, record, out)
+            export = _plain_copy(pipeline, torch_dtype)
+            _check_finite(export, torch_dtype, out)
+            _save(export, written, record, out)
             _verify(written, _plain_copy(pipeline, studio.base.dtype), torch_dtype, temp / "config", out)
         _move_into_place(written, out, temp)
     finally:
@@ -161,6 +163,18 @@ def _plain_copy(pipeline: DiffusionPipeline, dtype: torch.dtype) -> DiffusionPip
     plain = copy.deepcopy(pipeline, memo=tensors)  # deepcopy takes a tensor found in its memo as is
     plain.unload_lora_weights()  # each LoRA layer gives way to its base layer, whose weight is the fused one
     return plain
+
+
+def _check_finite(pipeline: DiffusionPipeline, dtype: torch.dtype, out: Path) -> None:
+    """Weights too large for `dtype` (a big LoRA weight, or fp16's 65504) would save as inf and render black."""
+    for component, model in pipeline.components.items():
+        if isinstance(model, torch.nn.Module):
+            for name, tensor in model.state_dict().items():
+                if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                    raise StudioError(
+                        f"{out}: fused at these weights, {component}.{name} is not finite in "
+                        f"{DTYPE_NAMES[dtype]}; use smaller LoRA weights (or fp32)"
+                    )
 
 
 def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -21,8 +21,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import re
 import sys
+import unicodedata
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -264,6 +266,8 @@ def execute(plan: Plan, overwrite: bool = False) -> list[Path]:
     """Load the base and every adapter once, check every input and existing file, then render this
     process's share of the images not yet written, and (main process) draw the grids."""
     state = _process_state()
+    for folder in sorted({image.path.parent for image in plan.images} | {grid.path.parent for grid in plan.grids}):
+        _check_output_folder(folder)
     studio = Studio.from_base(
         plan.base, device=state.device, dtype=plan.dtype, config=plan.base_config, allow_pickle=plan.allow_pickle
     )
@@ -611,8 +615,22 @@ def _cli_adapter(source: str) -> tuple[str, str | None]:
     return source, None
 
 
+def _check_output_folder(folder: Path) -> None:
+    """Before any model loads or image renders (and without creating it, so a failed run leaves nothing): the
+    output folder, or its nearest existing parent, must be a writable folder."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise StudioError(f"{folder}: cannot create the output folder: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise StudioError(f"{folder}: cannot create the output folder: {existing} is not writable")
+
+
 def _slug(text: str) -> str:
-    return re.sub(r"[^\w.\-]+", "-", text).strip("-._")[:48] or "image"
+    """A file-name stem from a prompt: accents dropped, other non-ASCII left out (names are ASCII)."""
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    return re.sub(r"[^A-Za-z0-9_.\-]+", "-", ascii_text).strip("-._")[:48] or "image"
 
 
 if __name__ == "__main__":

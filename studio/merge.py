@@ -174,6 +174,12 @@ def merge_loras(
                 )
         metadata = _metadata(loras, weights, options)
         family = loras[0].family
+    overflowed = [key for key, tensor in state_dict.items() if not torch.isfinite(tensor).all()]
+    if overflowed:
+        raise StudioError(
+            f"{out}: the merged {overflowed[0]} is not finite (too large for its "
+            f"{state_dict[overflowed[0]].dtype}); use smaller weights. Nothing was written"
+        )
     return write_lora(out, state_dict, metadata, naming=options.naming, family=family)
 
 

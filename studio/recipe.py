@@ -8,6 +8,7 @@ See `assets/recipes/example.toml` for a documented example. Every check names th
 
 from __future__ import annotations
 
+import math
 import re
 import tomllib
 from collections.abc import Mapping
@@ -145,7 +146,7 @@ class Job:
         if not _is_int(self.steps) or not 1 <= self.steps <= 1000:
             raise StudioError(f"steps must be an integer from 1 to 1000, not {self.steps!r}")
         if not _is_number(self.guidance) or self.guidance < 0:
-            raise StudioError(f"guidance must be a number >= 0, not {self.guidance!r}")
+            raise StudioError(f"guidance must be a finite number >= 0, not {self.guidance!r}")
         self.guidance = float(self.guidance)
         for key in ("width", "height"):
             value = getattr(self, key)
@@ -351,4 +352,5 @@ def _is_int(value: object) -> bool:
 
 
 def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite int or float: NaN and infinity pass every comparison check, and render black images."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

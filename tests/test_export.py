@@ -224,6 +224,11 @@ def bad_inputs(export: Export, folder: Path) -> dict[str, tuple[dict, str]]:
         "parent missing": ({"loras": good, "out": folder / "missing" / "x"}, "does not exist"),
         "pickle": ({"loras": good, "out": folder / "x.ckpt"}, "never as a pickle"),
         "dtype": ({"loras": good, "out": folder / "x", "dtype": "fp8"}, "unknown dtype 'fp8'"),
+        "not finite weight": ({"loras": [(good[0][0], float("inf"))], "out": folder / "x"}, "not a finite number"),
+        "overflows fp16": (
+            {"loras": [(good[0][0], 1e30)], "out": folder / "x.safetensors", "dtype": "fp16"},
+            "is not finite in fp16; use smaller LoRA weights",
+        ),
     }
 
 

@@ -265,6 +265,10 @@ sweep = {{ x = {{ kind = "adapters", values = ["a", "b"] }}, y = {{ kind = "seed
         (["--prompt", "a red circle", "--height", "0"], "height must be a positive multiple of 8, not 0"),
         (["--prompt", "a red circle <lora:a:x>"], "has a weight that is not a number"),
         (["--prompt", "a red circle <lora:a:0.5>", "--lora", "a:0.2"], "adapter 'a' is weighted twice"),
+        (["--prompt", "a red circle", "--lora", "a:nan"], "loras.a must be a number or a table of numbers, not nan"),
+        (["--prompt", "a red circle <lora:a:inf>"], "adapter 'a': weight inf is not a finite number"),
+        (["--prompt", "a red circle <lora:a:1:nan>"], "adapter 'a': weight of unet must be a finite number, not nan"),
+        (["--prompt", "a red circle", "--guidance", "nan"], "guidance must be a finite number >= 0, not nan"),
     ],
 )
 def test_bad_command_lines_fail_in_one_line_before_writing(lora_dir, tmp_path, capsys, argv, message):
@@ -299,6 +303,18 @@ def test_lora_hub_ids_resolve_from_the_local_cache_as_a_repo_or_one_of_its_files
     base = tmp_path / "base"
     assert main(FAST_FLAGS + ["--prompt", "a red circle", "--seed", "1", "--out", str(base)]) == 0
     assert not np.array_equal(first, np.asarray(Image.open(next(base.glob("*.png")))))  # the LoRA does change it
+
+
+def test_an_output_folder_that_cannot_be_made_fails_in_one_line_before_rendering(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("studio.generate.Studio.from_base", lambda *a, **k: pytest.fail("a model was loaded"))
+    (tmp_path / "a-file").write_text("mine")
+    assert main(FAST_FLAGS + ["--prompt", "a red circle", "--out", str(tmp_path / "a-file" / "out")]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"a-file/out: cannot create the output folder: {tmp_path / 'a-file'} is a file")
+
+
+def test_a_prompt_in_other_scripts_names_its_images_in_ascii(tmp_path):
+    assert main(FAST_FLAGS + ["--prompt", "猫 ünïcödé 🐱", "--out", str(tmp_path)]) == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["unicode-s0.png"]
 
 
 def test_family_mismatch_fails_before_writing(tmp_path, capsys):

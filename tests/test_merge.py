@@ -91,6 +91,15 @@ def factors(path, layer=LAYER):
 # cat: exact
 
 
+def test_a_merge_too_large_for_its_dtype_is_refused_and_writes_nothing(pipes, tmp_path):
+    half = tmp_path / "half.safetensors"
+    diffusers_lora(pipes["sd1"], tmp_path / "full.safetensors", "sd1")
+    save_file({k: v.half() for k, v in load_file(tmp_path / "full.safetensors").items()}, half)
+    with pytest.raises(StudioError, match=r"merged .* is not finite \(too large for its torch.float16\)"):
+        merge_loras([half, half], [1e6, 1e6], out=tmp_path / "big.safetensors")
+    assert not (tmp_path / "big.safetensors").exists()
+
+
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
 def test_cat_delta_is_exactly_the_weighted_sum_of_the_deltas(family, files, tmp_path):
     inputs, weights = [files[family]["kohya"], files[family]["diffusers"]], [0.7, -0.4]
