@@ -180,6 +180,13 @@ def plan_from_image(path: Path, out: Path, lora_dir: Path | None = None) -> Plan
     if record.get("format") != RECORD_FORMAT:
         raise StudioError(f"{path}: its record is format {record.get('format')!r}; this version reads {RECORD_FORMAT}")
     try:
+        try:  # the settings pass the checks a recipe job's do: an edited record is one line, not a traceback
+            Job(prompt=record["prompt"], negative_prompt=record["negative_prompt"], seeds=[record["seed"]],
+                steps=record["steps"], guidance=record["guidance"], width=record["width"], height=record["height"],
+                clip_skip=record.get("clip_skip", 1), loras={a["name"]: a["weight"] for a in record["adapters"]},
+                fuse=record["fused"])  # fmt: skip
+        except StudioError as error:
+            raise StudioError(f"{path}: its lora-studio record: {error}") from None
         adapters = [
             AdapterSource(a["name"], _moved_file(Path(a["source"]), lora_dir, path), a["sha256"]) for a in record["adapters"]
         ]

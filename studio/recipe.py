@@ -240,6 +240,9 @@ def recipe_from_dict(data: object, source: str = "recipe", folder: Path | None =
     adapters = data.get("adapters", {})
     if not isinstance(adapters, Mapping):
         raise StudioError(f"{source}: adapters: must be a table of name = file or hub id")
+    for key in ("base", "out", "lora_dir"):
+        if key in data and not isinstance(data[key], str):
+            raise StudioError(f"{source}: {key} must be text (a path or a name), not {data[key]!r}")
     return Recipe(
         jobs=[_job(source, f"jobs[{index}]", defaults, table) for index, table in enumerate(jobs, start=1)],
         base=_relative(data.get("base", "demo"), folder, maybe_name=True),

@@ -19,7 +19,7 @@ from studio.adapters import Studio
 from studio.checkpoint import ldm_state_dict, save_single_file
 from studio.errors import StudioError
 from studio.generate import main, run_recipe
-from studio.pngmeta import read_png_metadata
+from studio.pngmeta import read_png_metadata, save_png
 from studio.recipe import Axis, Job, Recipe, Sweep, load_recipe
 from studio.tiny import tiny_sd_pipeline, tiny_sdxl_pipeline
 
@@ -145,6 +145,20 @@ def test_from_image_refuses_a_changed_adapter_file(lora_dir, tmp_path, capsys):
     (own / "a.safetensors").write_bytes((lora_dir / "b.safetensors").read_bytes())
     assert main(["--from-image", str(image), "--out", str(tmp_path / "again")]) == 2
     assert "changed since the image was rendered" in capsys.readouterr().err
+    assert not (tmp_path / "again").exists()
+
+
+def test_from_image_checks_an_edited_record_as_a_recipe_job(lora_dir, tmp_path, capsys):
+    [image] = run_recipe(recipe(lora_dir, tmp_path / "run", Job(prompt="a red circle", **FAST)))
+    parameters, record = read_png_metadata(image)
+    for key, value, message in (("steps", "abc", "steps must be an integer from 1 to 1000, not 'abc'"),
+                                ("seed", -5, "seeds must be integers"),
+                                ("guidance", float("nan"), "guidance must be a finite number >= 0, not nan")):  # fmt: skip
+        edited = tmp_path / f"edited-{key}.png"
+        save_png(edited, Image.open(image), parameters, {**record, key: value})
+        assert main(["--from-image", str(edited), "--out", str(tmp_path / "again")]) == 2
+        error = capsys.readouterr().err.strip().splitlines()[-1]  # after the first run's own output
+        assert error.startswith(f"error: {edited}: its lora-studio record: ") and message in error
     assert not (tmp_path / "again").exists()
 
 
@@ -331,6 +345,7 @@ def test_family_mismatch_fails_before_writing(tmp_path, capsys):
     "name, text, message",
     [
         ("syntax.toml", 'base = "tiny-sd"\n[[jobs]]\nprompt = "a red circle\n', "not valid TOML: "),
+        ("out.toml", 'out = 5\n[[jobs]]\nprompt = "x"\n', "out must be text (a path or a name), not 5"),
         ("key.toml", '[[jobs]]\nprompt = "x"\n[[jobs]]\nprompt = "y"\nstepz = 3\n', "jobs[2]: unknown key 'stepz'"),
         ("axis.toml", '[[jobs]]\nname = "s"\nprompt = "x"\nsweep = { x = { kind = "colour", values = [1] } }\n',
          "jobs[1] (s).sweep.x: kind must be one of seed, weight, adapters, not 'colour'"),
