@@ -158,6 +158,8 @@ def merge_loras(
         raise StudioError(f"{out}: merged LoRAs are written as .safetensors only")
     if not out.parent.is_dir():
         raise StudioError(f"{out}: the folder {out.parent} does not exist")
+    if any(out.resolve() == path.resolve() for path in paths):
+        raise StudioError(f"{out}: is one of the LoRAs merged; write the merge to another file")
 
     with ExitStack() as stack:
         loras = [stack.enter_context(open_lora(path, allow_pickle)) for path in paths]

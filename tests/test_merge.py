@@ -100,6 +100,16 @@ def test_a_merge_too_large_for_its_dtype_is_refused_and_writes_nothing(pipes, tm
     assert not (tmp_path / "big.safetensors").exists()
 
 
+def test_a_merge_never_writes_over_one_of_its_inputs(pipes, tmp_path):
+    first, second = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    diffusers_lora(pipes["sd1"], first, "sd1", seed=1)
+    diffusers_lora(pipes["sd1"], second, "sd1", seed=2)
+    before = first.read_bytes()
+    with pytest.raises(StudioError, match=r"a.safetensors: is one of the LoRAs merged; write the merge to another"):
+        merge_loras([first, second], [1.0, 1.0], out=tmp_path / "." / "a.safetensors")
+    assert first.read_bytes() == before
+
+
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
 def test_cat_delta_is_exactly_the_weighted_sum_of_the_deltas(family, files, tmp_path):
     inputs, weights = [files[family]["kohya"], files[family]["diffusers"]], [0.7, -0.4]
