@@ -56,8 +56,8 @@ NOT_PART_OF_RUN = frozenset({
     "metadata_title", "metadata_author", "metadata_description", "metadata_license", "metadata_tags",
 })  # fmt: skip
 
-# Options that name local files or folders (--base may also be a hub id or a built-in model).
-RUN_PATHS = ("base", "instance_dir", "class_dir", "init_from", "validation_prompts_file")
+# Options that name local files or folders (--base and --base-config may also be hub ids, --base a built-in model).
+PATH_OPTIONS = ("base", "base_config", "instance_dir", "output_dir", "class_dir", "init_from", "validation_prompts_file")
 
 # Lengths given in optimizer steps or in epochs (diffusers' and kohya's scripts take both): steps option ->
 # (epochs option, steps when neither is given). The trainer turns epochs into steps once the data is known.
@@ -418,8 +418,6 @@ class TrainConfig:
             raise StudioError(f"--resolution {self.resolution}: must be a positive multiple of 8")
         if self.rank <= 0:
             raise StudioError(f"--rank {self.rank}: must be at least 1")
-        if self.conv_rank is not None and self.conv_rank <= 0:
-            raise StudioError(f"--conv-rank {self.conv_rank}: must be at least 1")
         if self.conv_alpha is not None and self.conv_rank is None:
             raise StudioError("--conv-alpha goes with --conv-rank")
         if self.conv_rank is not None and self.conv_alpha is None:
@@ -427,9 +425,10 @@ class TrainConfig:
         for first, second in EITHER_OR:
             if getattr(self, first) is not None and getattr(self, second) is not None:
                 raise StudioError(f"--{_flag(first)} and --{_flag(second)}: give one of the two")
-        for name in ("max_train_steps", "num_train_epochs", "train_batch_size", "gradient_accumulation_steps",
-                     "repeats", "checkpointing_steps", "checkpointing_epochs", "validation_steps", "validation_epochs",
-                     "num_validation_images", "inference_steps", "sample_batch_size"):  # fmt: skip
+        for name in ("conv_rank", "max_train_steps", "num_train_epochs", "train_batch_size",
+                     "gradient_accumulation_steps", "repeats", "checkpointing_steps", "checkpointing_epochs",
+                     "validation_steps", "validation_epochs", "num_validation_images", "inference_steps",
+                     "sample_batch_size"):  # fmt: skip
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise StudioError(f"--{_flag(name)} {getattr(self, name)}: must be at least 1")
         for option in fields(self):  # NaN and infinity pass every comparison below, or fail late
@@ -450,7 +449,7 @@ class TrainConfig:
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise StudioError(f"--{_flag(name)} {getattr(self, name)}: must be 0 or more")
         for name in ("alpha", "conv_alpha", "snr_gamma", "max_grad_norm", "lr_power", "lr_num_cycles", "huber_c",
-                     "huber_scale"):  # fmt: skip
+                     "huber_scale", "scale_weight_norms"):  # fmt: skip
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise StudioError(f"--{_flag(name)} {getattr(self, name)}: must be positive")
         for name in ("adam_beta1", "adam_beta2", "prodigy_beta3"):
@@ -478,8 +477,6 @@ class TrainConfig:
                 f"--min-timestep {self.min_timestep} / --max-timestep {self.max_timestep}: "
                 "need 0 <= min < max (max is excluded)"
             )
-        if self.scale_weight_norms is not None and self.scale_weight_norms <= 0:
-            raise StudioError(f"--scale-weight-norms {self.scale_weight_norms}: must be positive")
         if self.scale_weight_norms is not None and (self.dora or self.init in ("pissa", "olora")):
             raise StudioError(
                 "--scale-weight-norms bounds the change B @ A makes: it cannot go with --dora or --init pissa/olora"
@@ -556,11 +553,11 @@ def option_defaults() -> dict[str, Any]:
 
 
 def _where(name: str, value: Any) -> Any:
-    """A path option's value as the absolute path it names (a --base that is no local path stays as it is)."""
-    if name not in RUN_PATHS or not isinstance(value, str):
+    """A path option's value as the absolute path it names (a base that is no local path stays as it is)."""
+    if name not in PATH_OPTIONS or not isinstance(value, str):
         return value
     path = Path(value).expanduser()
-    return str(path.resolve()) if name != "base" or path.exists() else value
+    return str(path.resolve()) if name not in ("base", "base_config") or path.exists() else value
 
 
 def _name_list(value: str | list[str]) -> list[str]:

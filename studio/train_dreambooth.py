@@ -66,6 +66,7 @@ from studio.prompts import (
     prompt_arguments,
 )
 from studio.train_config import (
+    PATH_OPTIONS,
     STEPS_OR_EPOCHS,
     TEXT_ENCODER_TARGETS,
     UNET_TARGETS,
@@ -87,7 +88,6 @@ KOHYA_BASE_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 MODELSPEC_ARCHITECTURES = {
     "sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sdxl": "stable-diffusion-xl-v1-base"
 }  # fmt: skip
-PATH_OPTIONS = ("base", "base_config", "instance_dir", "output_dir", "class_dir", "init_from", "validation_prompts_file")
 
 
 @dataclass
