@@ -405,9 +405,8 @@ def resolve_lora_source(source: str | Path) -> Path:
     path = Path(source).expanduser()
     if path.exists():
         return path
-    text = str(source)
-    parts = text.split("/")
-    if len(parts) < 2 or not all(parts) or text.startswith((".", "/", "~")):
+    parts = hub_id_parts(str(source))
+    if parts is None:
         raise StudioError(f"{source}: no such file")
     repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:]) or None
     offline = hub_constants.HF_HUB_OFFLINE
@@ -424,6 +423,15 @@ def resolve_lora_source(source: str | Path) -> Path:
         return (preferred or files)[0]
     listing = ", ".join(str(f.relative_to(folder)) for f in files) or "none"
     raise StudioError(f"{source}: name one of its .safetensors files as {repo_id}/FILE (found: {listing})")
+
+
+def hub_id_parts(text: str) -> list[str] | None:
+    """`owner/name` or `owner/name/FILE` split at its slashes; None for what cannot be a hub id (a bare name,
+    or a path starting with `.`, `/` or `~`)."""
+    parts = text.split("/")
+    if len(parts) < 2 or not all(parts) or text.startswith((".", "/", "~")):
+        return None
+    return parts
 
 
 def _is_zero(weight: Weight) -> bool:

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from studio import lora_io
 from studio.a1111 import LoraTag, format_infotext, format_lora_tag, split_lora_tags
-from studio.adapters import Blend, Studio, Weight, _name_from_path, resolve_lora_source
+from studio.adapters import Blend, Studio, Weight, _name_from_path, hub_id_parts, resolve_lora_source
 from studio.base import pick_device_dtype
 from studio.errors import StudioError
 from studio.grid import labelled_grid
@@ -611,13 +611,12 @@ def _cli_adapter(source: str) -> tuple[str, str | None]:
     path = Path(source)
     if path.exists():
         return _name_from_path(path), source
-    parts = source.rstrip("/").split("/")
-    hub_id = len(parts) >= 2 and all(parts) and not source.startswith((".", "/", "~"))
+    parts = hub_id_parts(source.rstrip("/"))
     if path.suffix == ".safetensors":
-        if not (hub_id and len(parts) >= 3):
+        if parts is None or len(parts) < 3:
             raise StudioError(f"--lora {source}: no such file")
         return _name_from_path(path), source
-    if hub_id:
+    if parts is not None:
         return parts[-1], source
     return source, None
 
