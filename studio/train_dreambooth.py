@@ -459,6 +459,12 @@ def read_initial_lora(config: TrainConfig) -> LoraFile | None:
     if config.init_from is None:
         return None
     lora = read_lora(config.init_from, allow_pickle=config.allow_pickle)
+    check_initial_lora(config, lora)
+    return lora
+
+
+def check_initial_lora(config: TrainConfig, lora: LoraFile) -> None:
+    """The `--init-from` file `lora`, already read, against the options (rank, text encoders, DoRA, targets)."""
     if not lora.modules:
         raise StudioError(f"{config.init_from}: holds no LoRA layers to start from")
     ranks = sorted({module.converted_rank for module in lora.modules})
@@ -475,7 +481,6 @@ def read_initial_lora(config: TrainConfig) -> LoraFile | None:
         needed = "is DoRA (it has magnitude vectors): add --dora" if has_dora else "is plain LoRA: leave out --dora"
         raise StudioError(f"{config.init_from}: {needed}")
     check_initial_lora_targets(config, lora)
-    return lora
 
 
 def settings_to_train_further(lora: LoraFile) -> dict[str, object]:

@@ -37,7 +37,7 @@ from studio.library import DEFAULT_MAX_UPLOAD_BYTES, SUFFIX, LibraryEntry, LoraL
 from studio.merge import MERGE_METHODS, merge_loras
 from studio.pngmeta import save_png
 from studio.train_config import TEXT_ENCODER_TARGETS, UNET_TARGETS, parse_config
-from studio.train_dreambooth import read_initial_lora, settings_to_train_further
+from studio.train_dreambooth import check_initial_lora, settings_to_train_further
 from studio.train_job import TrainingJob, TrainStatus
 
 logger = logging.getLogger("studio.ui")
@@ -366,8 +366,8 @@ class StudioApp:
             args.append("--allow-pickle")
         if base.device.type != "cpu":
             args += ["--mixed-precision", "fp16"]
-        if start_from:
-            lora = self._lora_to_start_from(start_from)
+        lora = self._lora_to_start_from(start_from) if start_from else None
+        if lora is not None:
             options = {**options, "init_from": lora.path, "dora": settings_to_train_further(lora)["dora"]}
         for key, value in options.items():
             flag = "--" + key.replace("_", "-")
@@ -378,7 +378,8 @@ class StudioApp:
             elif value is not None and value is not False and value != "":
                 args += [flag, str(value)]
         config = parse_config(args)  # every option error is reported now, not by a failed process later
-        read_initial_lora(config)  # and whether the fields fit the LoRA to start from
+        if lora is not None:
+            check_initial_lora(config, lora)  # and whether the fields fit the LoRA to start from
         if uploads:
             images.mkdir(parents=True)
             for upload in uploads:
